@@ -1,0 +1,131 @@
+"""Behaviour cloning from expert demonstrations (the walking skeleton's method).
+
+Reads top to bottom: (1) collect or reuse demos, (2) fit the normaliser and build the policy,
+(3) train with automatic resume from the last atomic training state, (4) save the checkpoint,
+(5) evaluate on seeds no demo used and write ``report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from embodied_distill.checkpoint import load_train_state, save_train_state
+from embodied_distill.data.episode_store import EpisodeStore
+from embodied_distill.data.normalizer import Normalizer
+from embodied_distill.data.sampler import SequenceDataset
+from embodied_distill.logging import MetricLogger
+from embodied_distill.policies.base import build_policy
+
+
+def demo_store_path(cfg: DictConfig) -> Path:
+    d = cfg.demos
+    return Path(d.dir) / (f"{cfg.task.name}_{cfg.task.control_mode}_{cfg.task.expert}"
+                          f"_noise{d.noise_std}x{d.noise_prob}.zarr")
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
+    """Linear warm-up then cosine decay to 0; a pure function of the step, so resume is exact."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[str, Any]:
+    dcfg = cfg.distill
+    # ---------------------------------------------------------------- 1. demonstrations
+    store_path = demo_store_path(cfg)
+    if cfg.demos.seed_start + cfg.demos.n_episodes * 3 > cfg.eval.seed_start:
+        raise ValueError("demo seeds could reach eval.seed_start: raise eval.seed_start or lower demos.n_episodes")
+    summary = runner.collect_demos(store_path, cfg.demos.n_episodes, seed_start=cfg.demos.seed_start,
+                                   num_workers=cfg.demos.num_workers, noise_std=cfg.demos.noise_std,
+                                   noise_prob=cfg.demos.noise_prob)
+    store = EpisodeStore(store_path, mode="r")
+    max_demo_seed = int(store.episode_meta("seed")[: cfg.demos.n_episodes].max())
+    assert max_demo_seed < cfg.eval.seed_start, "evaluation seeds overlap demo seeds"
+    ends = store.episode_ends[: cfg.demos.n_episodes]
+    data = {k: v[: ends[-1]] for k, v in store.load(["state", "action"]).items()}
+    print(f"[bc] demos: {len(ends)} episodes, {ends[-1]} steps from {store_path} ({summary})")
+
+    # ---------------------------------------------------------------- 2. normaliser + policy
+    normalizer = Normalizer.fit(data, mode=dcfg.normalizer_mode, eps=dcfg.normalizer_eps)
+    student_cfg = OmegaConf.to_container(cfg.student, resolve=True)
+    student_cfg.update(obs_dim=int(data["state"].shape[-1]), action_dim=int(data["action"].shape[-1]))
+    policy = build_policy(student_cfg.pop("name"), student_cfg, normalizer).to(device)
+    pcfg = policy.config
+    dataset = SequenceDataset(data, ends, obs_keys=list(pcfg.obs_keys), obs_horizon=pcfg.obs_horizon,
+                              action_horizon=pcfg.action_horizon)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=dcfg.lr, weight_decay=dcfg.weight_decay)
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+
+    # ---------------------------------------------------------------- 3. train (resumable)
+    state_dir = run_dir / "train_state"
+    step = 0
+    resumed = load_train_state(state_dir) if cfg.resume else None
+    if resumed is not None:
+        policy.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        gen.set_state(resumed["extra_tensors"]["sampler_rng"])
+        step = resumed["step"]
+        print(f"[bc] resuming from {state_dir} at step {step}/{dcfg.steps}")
+    logger = MetricLogger(run_dir)
+
+    def checkpoint_state(at: int) -> None:
+        save_train_state(state_dir, at, policy.state_dict(), optimizer,
+                         extra_tensors={"sampler_rng": gen.get_state()})
+
+    policy.train()
+    bar = tqdm(total=dcfg.steps, initial=step, desc="train bc", unit="step")
+    t0, losses = time.perf_counter(), []
+    while step < dcfg.steps:
+        idx = torch.randint(len(dataset), (dcfg.batch_size,), generator=gen)
+        batch = {k: v.to(device) for k, v in dataset.get_batch(idx).items()}
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, dcfg.lr, dcfg.warmup_steps, dcfg.steps)
+        loss, metrics = policy.compute_loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step}; last checkpoint is in {state_dir}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), dcfg.grad_clip)
+        optimizer.step()
+        step += 1
+        losses.append(metrics["loss"])
+        bar.update(1)
+        if step % dcfg.log_every == 0 or step == dcfg.steps:
+            logger.log(step, {"train/loss": float(np.mean(losses)), "train/lr": optimizer.param_groups[0]["lr"],
+                              "train/grad_norm": float(grad_norm),
+                              "train/steps_per_s": len(losses) / (time.perf_counter() - t0)})
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+            t0, losses = time.perf_counter(), []
+        if step % dcfg.checkpoint_every == 0 or step == dcfg.steps:
+            checkpoint_state(step)
+    bar.close()
+
+    # ---------------------------------------------------------------- 4. checkpoint
+    policy.eval()
+    ckpt = policy.save_pretrained(run_dir / "checkpoint", train_config=OmegaConf.to_container(cfg, resolve=True),
+                                  meta={"step": step, "demo_store": str(store_path),
+                                        "demo_episodes": int(len(ends)), "max_demo_seed": max_demo_seed})
+    print(f"[bc] checkpoint written to {ckpt}")
+
+    # ---------------------------------------------------------------- 5. evaluate
+    policy.to("cpu")
+    report = runner.evaluate(policy, cfg.eval.episodes, cfg.eval.seed_start, num_envs=cfg.eval.num_envs,
+                             video_path=run_dir / "eval.mp4" if cfg.eval.video_episodes > 0 else None,
+                             video_episodes=cfg.eval.video_episodes)
+    report.update(checkpoint=str(ckpt), train_steps=step, demo_episodes=int(len(ends)),
+                  max_demo_seed=max_demo_seed)
+    logger.log(step, {"eval/success_rate": report["success_rate"], "eval/mean_return": report["mean_return"]})
+    logger.close()
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return report

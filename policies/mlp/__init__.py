@@ -1,0 +1,3 @@
+from embodied_distill.policies.mlp.configuration_mlp import MLPPolicyConfig
+
+__all__ = ["MLPPolicyConfig"]
