@@ -158,7 +158,8 @@ def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], info: Mapping[str,
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     np_state = np.random.get_state()
-    tensors = {"rng.torch": torch.get_rng_state(), "rng.numpy_keys": torch.as_tensor(np_state[1].astype(np.int64))}
+    tensors = {"rng.torch": torch.get_rng_state(),
+               "rng.numpy_keys": torch.as_tensor(np_state[1].astype(np.int64))}
     info = {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
             "python": _plain(random.getstate())}
     return tensors, info
@@ -173,7 +174,8 @@ def set_rng_state(tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) 
 
 
 def save_train_state(path: str | Path, step: int, model_state: Mapping[str, torch.Tensor],
-                     optimizer: torch.optim.Optimizer, extra_tensors: Mapping[str, torch.Tensor] | None = None,
+                     optimizer: torch.optim.Optimizer,
+                     extra_tensors: Mapping[str, torch.Tensor] | None = None,
                      extra: Mapping[str, Any] | None = None) -> Path:
     """Everything needed to resume training at ``step``, written atomically, no pickle."""
     opt_t, opt_info = _flatten_optimizer(optimizer.state_dict())

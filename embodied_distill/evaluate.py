@@ -28,7 +28,8 @@ def main(cfg: DictConfig) -> float:
         print(f"[evaluate] warning: seed_start={seed_start} overlaps demo seeds (<= {meta['max_demo_seed']})")
     report = make_runner(train_cfg).evaluate(
         policy.to("cpu"), cfg.episodes, seed_start, num_envs=cfg.num_envs,
-        video_path=run_dir / "eval.mp4" if cfg.video_episodes > 0 else None, video_episodes=cfg.video_episodes)
+        video_path=run_dir / "eval.mp4" if cfg.video_episodes > 0 else None,
+        video_episodes=cfg.video_episodes)
     report["checkpoint"] = str(Path(cfg.checkpoint).resolve())
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))

@@ -92,7 +92,8 @@ class Policy(nn.Module):
 
     def stack_obs(self, obs: dict[str, Tensor]) -> Tensor:
         """``{key: (B, To, Dk)}`` -> normalised (B, To, Do), keys in ``config.obs_keys`` order."""
-        parts = [self.normalizer.normalize(k, obs[k].to(self.device, torch.float32)) for k in self.config.obs_keys]
+        parts = [self.normalizer.normalize(k, obs[k].to(self.device, torch.float32))
+                 for k in self.config.obs_keys]
         return torch.cat(parts, dim=-1)
 
     @torch.no_grad()

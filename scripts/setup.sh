@@ -37,13 +37,16 @@ else
 fi
 VPY="$ROOT/.venv/bin/python"
 PIP=("$VPY" -m pip --disable-pip-version-check -q)
+pip_install() {  # quiet pip; drop the noise some machines' pip config prints for missing local indexes
+  "${PIP[@]}" install "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 # 2. torch first, pinned
 if "$VPY" -c "import torch" 2>/dev/null; then
   say "torch $("$VPY" -c 'import torch; print(torch.__version__)') already installed"
 else
   say "installing torch==2.13.0 before anything that depends on it"
-  "${PIP[@]}" install torch==2.13.0
+  pip_install torch==2.13.0
 fi
 
 # 3. Vulkan software renderer for SAPIEN/ManiSkill when no hardware Vulkan driver exists
@@ -91,7 +94,7 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
   say "package already installed with these dependencies (pyproject.toml unchanged)"
 else
   say "pip install -e .$EXTRAS (first time: a few minutes)"
-  "${PIP[@]}" install -e ".$EXTRAS"
+  pip_install -e ".$EXTRAS"
   echo "$WANT" > "$STAMP"
 fi
 

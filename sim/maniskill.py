@@ -110,7 +110,8 @@ class ManiSkillVecEnv:
                                       context="forkserver")
         space = self.env.single_action_space if hasattr(self.env, "single_action_space") else \
             self.env.action_space
-        self.action_low, self.action_high = np.asarray(space.low).reshape(-1), np.asarray(space.high).reshape(-1)
+        self.action_low = np.asarray(space.low).reshape(-1)
+        self.action_high = np.asarray(space.high).reshape(-1)
 
     @staticmethod
     def _np(x) -> np.ndarray:
@@ -372,7 +373,8 @@ class ManiSkillRunner:
             cfg = self.env_cfg
         else:
             if noise_prob > 0:
-                raise ValueError("motion-planner demos do not support noise injection (set demos.noise_prob=0)")
+                raise ValueError("motion-planner demos do not support noise injection "
+                                 "(set demos.noise_prob=0)")
             episode = partial(_planner_episode, task=self.task_name, max_steps=self.max_episode_steps)
             cfg = dataclasses.replace(self.env_cfg, max_episode_steps=10 * self.max_episode_steps)
         return collect_demos(path, partial(make_single_env, dataclasses.replace(cfg, sim_backend="cpu")),

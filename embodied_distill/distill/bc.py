@@ -45,7 +45,8 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
     # ---------------------------------------------------------------- 1. demonstrations
     store_path = demo_store_path(cfg)
     if cfg.demos.seed_start + cfg.demos.n_episodes * 3 > cfg.eval.seed_start:
-        raise ValueError("demo seeds could reach eval.seed_start: raise eval.seed_start or lower demos.n_episodes")
+        raise ValueError("demo seeds could reach eval.seed_start: "
+                         "raise eval.seed_start or lower demos.n_episodes")
     summary = runner.collect_demos(store_path, cfg.demos.n_episodes, seed_start=cfg.demos.seed_start,
                                    num_workers=cfg.demos.num_workers, noise_std=cfg.demos.noise_std,
                                    noise_prob=cfg.demos.noise_prob)
@@ -102,7 +103,8 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
         losses.append(metrics["loss"])
         bar.update(1)
         if step % dcfg.log_every == 0 or step == dcfg.steps:
-            logger.log(step, {"train/loss": float(np.mean(losses)), "train/lr": optimizer.param_groups[0]["lr"],
+            logger.log(step, {"train/loss": float(np.mean(losses)),
+                              "train/lr": optimizer.param_groups[0]["lr"],
                               "train/grad_norm": float(grad_norm),
                               "train/steps_per_s": len(losses) / (time.perf_counter() - t0)})
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
@@ -113,7 +115,8 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
 
     # ---------------------------------------------------------------- 4. checkpoint
     policy.eval()
-    ckpt = policy.save_pretrained(run_dir / "checkpoint", train_config=OmegaConf.to_container(cfg, resolve=True),
+    ckpt = policy.save_pretrained(run_dir / "checkpoint",
+                                  train_config=OmegaConf.to_container(cfg, resolve=True),
                                   meta={"step": step, "demo_store": str(store_path),
                                         "demo_episodes": int(len(ends)), "max_demo_seed": max_demo_seed})
     print(f"[bc] checkpoint written to {ckpt}")

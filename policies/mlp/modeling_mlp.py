@@ -7,12 +7,12 @@ live in ``policies/diffusion``.
 from __future__ import annotations
 
 import torch
+from embodied_distill.policies.base import Policy
+from embodied_distill.policies.mlp.configuration_mlp import MLPPolicyConfig
 from torch import Tensor, nn
 
 from embodied_distill.data.normalizer import Normalizer
 from embodied_distill.losses import masked_l1, masked_mse
-from embodied_distill.policies.base import Policy
-from embodied_distill.policies.mlp.configuration_mlp import MLPPolicyConfig
 
 __all__ = ["MLPPolicy", "MLPPolicyConfig"]
 
