@@ -7,12 +7,14 @@ Rebuilds the policy and the simulator from the checkpoint's own ``config.yaml`` 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from embodied_distill.checkpoint import CheckpointError
 from embodied_distill.policies.base import load_policy
 from embodied_distill.train import make_runner, print_summary, quiet, resolve_device
 
@@ -21,7 +23,11 @@ from embodied_distill.train import make_runner, print_summary, quiet, resolve_de
 def main(cfg: DictConfig) -> float:
     quiet()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    policy, train_cfg, meta = load_policy(cfg.checkpoint, device=resolve_device(cfg.device))
+    try:
+        policy, train_cfg, meta = load_policy(cfg.checkpoint, device=resolve_device(cfg.device))
+    except CheckpointError as e:
+        print(f"[evaluate] error: {e}", file=sys.stderr)
+        sys.exit(2)
     train_cfg = OmegaConf.create(train_cfg)
     seed_start = cfg.seed_start if cfg.seed_start is not None else train_cfg.eval.seed_start
     if "max_demo_seed" in meta and seed_start <= meta["max_demo_seed"]:

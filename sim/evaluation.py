@@ -14,7 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from embodied_distill.progress import progress
 
 
 class VecEnv(Protocol):
@@ -39,7 +40,7 @@ def evaluate_policy(policy, venv: VecEnv, episodes: int, seed_start: int, max_st
     per_episode: list[dict[str, Any]] = []
     step_ms: list[float] = []
     frames: list[np.ndarray] = []
-    bar = tqdm(total=episodes, desc=desc, unit="ep")
+    bar = progress(total=episodes, desc=desc, unit="ep")
     for wave_start in range(0, episodes, n):
         seeds = [seed_start + wave_start + i for i in range(n)]  # extra envs of the last wave are dropped
         obs = venv.reset(seeds)
@@ -66,7 +67,8 @@ def evaluate_policy(policy, venv: VecEnv, episodes: int, seed_start: int, max_st
             per_episode.append({"seed": seeds[i], "success": bool(success[i]), "success_once": bool(once[i]),
                                 "return": float(ret[i]), "length": int(first[i])})
         bar.update(min(n, episodes - wave_start))
-        bar.set_postfix(success=f"{np.mean([e['success'] for e in per_episode]):.2f}")
+        rate = np.mean([e["success"] for e in per_episode])
+        bar.set_postfix(success=f"{rate:.2f}", refresh=False)
     bar.close()
     report = summarize(per_episode, step_ms)
     report["num_envs"] = n

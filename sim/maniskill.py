@@ -250,7 +250,7 @@ EXPERTS = {"pickcube": expert_pickcube, "stackcube": expert_stackcube, "pushcube
 
 def run_expert_episode(env, task: str, seed: int, max_steps: int, noise_std: float = 0.0,
                        noise_prob: float = 0.0) -> dict[str, Any]:
-    """Roll out the scripted expert once (DART-style noise: the executed action is perturbed with
+    """Roll out the scripted expert once (DART-style noise: the executed translation is perturbed with
     probability ``noise_prob``, the recorded label stays the clean expert action).
 
     Returns ``{"state": (T, Do), "action": (T, Da), "success": bool, "seed": int}``.
@@ -261,11 +261,13 @@ def run_expert_episode(env, task: str, seed: int, max_steps: int, noise_std: flo
     rng = np.random.default_rng(seed + 7_919)
     obs, _ = env.reset(seed=seed)
     states, actions, success = [], [], False
-    for _ in range(max_steps):
+    for t in range(max_steps):
         a = expert(u)
         executed = a.copy()
-        if noise_prob > 0 and rng.random() < noise_prob:
-            executed[:6] = np.clip(executed[:6] + rng.normal(0, noise_std, 6), -1, 1)
+        # translation noise only (the experts correct yaw but not roll/pitch), and none in the last
+        # 10 steps so the episode can still end at rest (success requires a static robot)
+        if noise_prob > 0 and t < max_steps - 10 and rng.random() < noise_prob:
+            executed[:3] = np.clip(executed[:3] + rng.normal(0, noise_std, 3), -1, 1)
         states.append(np.asarray(obs, np.float32).reshape(-1))
         actions.append(a.astype(np.float32))
         obs, _, _, trunc, info = env.step(executed)

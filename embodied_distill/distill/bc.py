@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from embodied_distill.checkpoint import load_train_state, save_train_state
 from embodied_distill.data.episode_store import EpisodeStore
@@ -24,6 +23,7 @@ from embodied_distill.data.normalizer import Normalizer
 from embodied_distill.data.sampler import SequenceDataset
 from embodied_distill.logging import MetricLogger
 from embodied_distill.policies.base import build_policy
+from embodied_distill.progress import progress
 
 
 def demo_store_path(cfg: DictConfig) -> Path:
@@ -36,8 +36,8 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
     """Linear warm-up then cosine decay to 0; a pure function of the step, so resume is exact."""
     if step < warmup:
         return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    frac = (step - warmup) / max(1, total - warmup)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
 def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[str, Any]:
@@ -85,7 +85,7 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
                          extra_tensors={"sampler_rng": gen.get_state()})
 
     policy.train()
-    bar = tqdm(total=dcfg.steps, initial=step, desc="train bc", unit="step")
+    bar = progress(total=dcfg.steps, initial=step, desc="train bc", unit="step")
     t0, losses = time.perf_counter(), []
     while step < dcfg.steps:
         idx = torch.randint(len(dataset), (dcfg.batch_size,), generator=gen)
@@ -107,7 +107,7 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
                               "train/lr": optimizer.param_groups[0]["lr"],
                               "train/grad_norm": float(grad_norm),
                               "train/steps_per_s": len(losses) / (time.perf_counter() - t0)})
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", refresh=False)
             t0, losses = time.perf_counter(), []
         if step % dcfg.checkpoint_every == 0 or step == dcfg.steps:
             checkpoint_state(step)
