@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -27,7 +26,8 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "run"
     report = json.loads((run / "report.json").read_text())
-    for key in ("success_rate", "episodes", "mean_return", "mean_episode_length", "latency_ms_per_action_p50"):
+    for key in ("success_rate", "episodes", "mean_return", "mean_episode_length",
+                "latency_ms_per_action_p50"):
         assert key in report
     assert report["episodes"] == 2 and min(report["seeds"]) > report["max_demo_seed"]
     assert (run / "eval.mp4").stat().st_size > 1000
@@ -37,8 +37,9 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses  # training measurably fits the demos
     assert "success rate" in out.stdout
 
-    ev = subprocess.run([sys.executable, "-m", "embodied_distill.evaluate", f"checkpoint={run / 'checkpoint'}",
-                         "episodes=2", "num_envs=1", f"hydra.run.dir={tmp_path / 'eval'}"],
+    ev = subprocess.run([sys.executable, "-m", "embodied_distill.evaluate",
+                         f"checkpoint={run / 'checkpoint'}", "episodes=2", "num_envs=1",
+                         f"hydra.run.dir={tmp_path / 'eval'}"],
                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert ev.returncode == 0, ev.stderr[-3000:]
     ev_report = json.loads((tmp_path / "eval" / "report.json").read_text())
