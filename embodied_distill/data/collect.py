@@ -1,0 +1,85 @@
+"""Parallel demonstration collection into an EpisodeStore, resumable and deterministic.
+
+Episode ``k`` is always rolled out with seed ``seed_start + k'`` in increasing order, results are
+appended in seed order, failed episodes are counted and dropped, and a rerun after a crash continues
+from the seed after the last stored one.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from embodied_distill.progress import progress
+
+from embodied_distill.data.episode_store import EpisodeStore
+
+_ENV = None
+
+
+def _init_worker(make_env: Callable[[], Any]) -> None:
+    global _ENV
+    import torch
+
+    torch.set_num_threads(1)
+    _ENV = make_env()
+
+
+def _run(args):
+    episode_fn, seed = args
+    return episode_fn(_ENV, seed)
+
+
+def collect_demos(store_path: str | Path, make_env: Callable[[], Any],
+                  episode_fn: Callable[[Any, int], Mapping[str, Any]], n_episodes: int,
+                  seed_start: int = 0, num_workers: int = 2, attrs: Mapping[str, Any] | None = None,
+                  max_attempts_factor: float = 3.0, desc: str = "demos") -> dict[str, Any]:
+    """Collect until the store holds ``n_episodes`` successful episodes.
+
+    Args:
+        make_env: picklable zero-argument env factory (called once per worker).
+        episode_fn: picklable ``(env, seed) -> {"state", "action", "success", "seed", ...}``.
+        attrs: generation settings saved in the store; a store made with other settings is refused.
+        max_attempts_factor: give up after ``n_episodes * factor`` attempts (expert failing too often).
+
+    Returns a summary: stored, attempted, successes, success rate of the attempts made now.
+    """
+    store = EpisodeStore(store_path, mode="a")
+    attrs = dict(attrs or {})
+    if store.n_episodes and attrs:
+        old = {k: store.attrs.get(k) for k in attrs}
+        if old != attrs:
+            raise ValueError(f"demo store {store_path} was generated with {old}, not {attrs}; "
+                             "delete it or point demos.path elsewhere")
+    store.set_attrs(**attrs)
+    have = store.n_episodes
+    next_seed = int(store.episode_meta("seed").max()) + 1 if have else seed_start
+    todo = n_episodes - have
+    summary = {"stored": have, "attempted": 0, "successes": 0, "resumed_from": have}
+    if todo <= 0:
+        return summary
+    max_attempts = int(np.ceil(todo * max_attempts_factor))
+    seeds = range(next_seed, next_seed + max_attempts)
+    bar = progress(total=n_episodes, initial=have, desc=desc, unit="ep")
+    ctx = mp.get_context("forkserver")
+    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(make_env,)) as pool:
+        for ep in pool.imap(_run, ((episode_fn, s) for s in seeds)):
+            summary["attempted"] += 1
+            if ep["success"] and len(ep["action"]) > 0:
+                summary["successes"] += 1
+                store.add_episode({"state": ep["state"], "action": ep["action"]}, meta={"seed": ep["seed"]})
+                bar.update(1)
+                if store.n_episodes >= n_episodes:
+                    break
+            rate = summary["successes"] / summary["attempted"]
+            bar.set_postfix(expert_success=f"{rate:.2f}", refresh=False)
+        pool.terminate()
+    bar.close()
+    summary["stored"] = store.n_episodes
+    if store.n_episodes < n_episodes:
+        raise RuntimeError(f"expert succeeded only {summary['successes']}/{summary['attempted']} times; "
+                           f"store has {store.n_episodes} < {n_episodes} episodes")
+    return summary

@@ -1,0 +1,57 @@
+"""Sequence sampler: windows of To observations and Ta actions with padding at episode edges.
+
+For a window anchored at step t of an episode of length T, observations are steps
+``t-To+1 .. t`` and actions are steps ``t .. t+Ta-1`` (diffusion_policy's convention with the
+current observation last). Indices before 0 repeat the first step and indices past T-1 repeat the
+last one; ``action_is_pad`` marks padded actions so losses can mask them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+class SequenceDataset(Dataset):
+    """Windows over concatenated episodes.
+
+    Args:
+        data: ``{key: (N, D)}`` arrays concatenated over episodes (e.g. from ``EpisodeStore.load``).
+        episode_ends: (E,) exclusive end indices.
+        obs_keys: keys stacked over the obs horizon (each item gets ``(To, D)``).
+        action_key: key of the actions (each item gets ``(Ta, Da)``).
+        obs_horizon: To >= 1.  action_horizon: Ta >= 1.
+    """
+
+    def __init__(self, data: dict[str, np.ndarray], episode_ends: np.ndarray, obs_keys: list[str],
+                 action_key: str = "action", obs_horizon: int = 2, action_horizon: int = 8):
+        if obs_horizon < 1 or action_horizon < 1:
+            raise ValueError("obs_horizon and action_horizon must be >= 1")
+        self.data = {k: torch.as_tensor(np.asarray(data[k]), dtype=torch.float32)
+                     for k in [*obs_keys, action_key]}
+        self.obs_keys, self.action_key = list(obs_keys), action_key
+        self.to, self.ta = obs_horizon, action_horizon
+        ends = np.asarray(episode_ends, dtype=np.int64)
+        starts = np.concatenate([[0], ends[:-1]])
+        self.index = np.concatenate([np.stack([np.arange(s, e), np.full(e - s, s), np.full(e - s, e)], 1)
+                                     for s, e in zip(starts, ends)]) if len(ends) else np.zeros((0, 3), int)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.get_batch(torch.tensor([i])).items()}
+
+    def get_batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Vectorised gather of windows ``indices`` (B,) -> obs keys (B, To, D), action (B, Ta, Da),
+        ``action_is_pad`` (B, Ta) bool. Much faster than a DataLoader over ``__getitem__``."""
+        rows = torch.as_tensor(self.index[np.asarray(indices)]).long().reshape(-1, 3)
+        t, start, end = rows[:, :1], rows[:, 1:2], rows[:, 2:3]
+        obs_idx = torch.maximum(t + torch.arange(-self.to + 1, 1), start)
+        act_raw = t + torch.arange(self.ta)
+        act_idx = torch.minimum(act_raw, end - 1)
+        batch = {k: self.data[k][obs_idx] for k in self.obs_keys}
+        batch[self.action_key] = self.data[self.action_key][act_idx]
+        batch["action_is_pad"] = act_raw >= end
+        return batch
