@@ -66,6 +66,8 @@ def main(cfg: DictConfig) -> float:
     device = resolve_device(cfg.device)
     method = importlib.import_module(f"embodied_distill.distill.{cfg.distill.name}")
     report = method.run(cfg, run_dir, make_runner(cfg), device)
+    if report is None:  # a non-zero rank of a torchrun job
+        return 0.0
     print_summary(report, run_dir)
     return report["success_rate"]
 

@@ -28,6 +28,8 @@ from embodied_distill.data.normalizer import Normalizer
 # name -> (module, policy class, config class); imported lazily so optional deps stay optional
 POLICY_REGISTRY: dict[str, tuple[str, str, str]] = {
     "mlp": ("embodied_distill.policies.mlp.modeling_mlp", "MLPPolicy", "MLPPolicyConfig"),
+    "diffusion": ("embodied_distill.policies.diffusion.modeling_diffusion", "DiffusionPolicy",
+                  "DiffusionPolicyConfig"),
 }
 
 

@@ -32,8 +32,8 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert report["episodes"] == 2 and min(report["seeds"]) > report["max_demo_seed"]
     assert (run / "eval.mp4").stat().st_size > 1000
     assert list((run / "tb").iterdir())
-    losses = [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
-              if "train/loss" in line]
+    losses = [json.loads(line)["bc/loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if "bc/loss" in line]
     assert losses[-1] < 0.5 * losses[0], losses  # training measurably fits the demos
     assert "success rate" in out.stdout
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from embodied_distill import distributed
 from embodied_distill.checkpoint import load_train_state, save_train_state
 from embodied_distill.data.episode_store import EpisodeStore
 from embodied_distill.data.normalizer import Normalizer
@@ -40,16 +41,75 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
     return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
-def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[str, Any]:
+def train_phase(name: str, policy, loss_fn, steps: int, cfg: DictConfig, dataset: SequenceDataset,
+                gen: torch.Generator, state_dir: Path, logger: MetricLogger | None, device: torch.device,
+                params: list[torch.nn.Parameter] | None = None, after_step=None) -> int:
+    """AdamW + warm-up/cosine LR on ``loss_fn(batch) -> (loss, metrics)``; resumes from ``state_dir``.
+
+    The training state (all policy weights, optimizer, sampler RNG, step) is written atomically every
+    ``distill.checkpoint_every`` steps, so ``kill -9`` loses at most that many steps.
+    """
+    dcfg = cfg.distill
+    optimizer = torch.optim.AdamW(params or policy.parameters(), lr=dcfg.lr, weight_decay=dcfg.weight_decay)
+    step = 0
+    resumed = load_train_state(state_dir) if cfg.resume else None
+    if resumed is not None:
+        policy.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        gen.set_state(resumed["extra_tensors"]["sampler_rng"])
+        step = resumed["step"]
+        print(f"[{name}] resuming from {state_dir} at step {step}/{steps}")
+    distributed.broadcast_parameters(policy)
+    policy.train()
+    bar = progress(total=steps, initial=step, desc=f"train {name}", unit="step",
+                   disable=not distributed.is_main())
+    t0, losses = time.perf_counter(), []
+    while step < steps:
+        idx = torch.randint(len(dataset), (dcfg.batch_size,), generator=gen)
+        batch = {k: v.to(device) for k, v in dataset.get_batch(idx).items()}
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, dcfg.lr, dcfg.warmup_steps, steps)
+        loss, _ = loss_fn(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite {name} loss at step {step}; last state is in {state_dir}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        distributed.average_gradients(params or policy.parameters())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params or policy.parameters(), dcfg.grad_clip)
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        step += 1
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        if distributed.is_main() and (step % dcfg.log_every == 0 or step == steps):
+            logger.log(step, {f"{name}/loss": float(np.mean(losses)),
+                              f"{name}/lr": optimizer.param_groups[0]["lr"],
+                              f"{name}/grad_norm": float(grad_norm),
+                              f"{name}/steps_per_s": len(losses) / (time.perf_counter() - t0)})
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", refresh=False)
+            t0, losses = time.perf_counter(), []
+        if distributed.is_main() and (step % dcfg.checkpoint_every == 0 or step == steps):
+            save_train_state(state_dir, step, policy.state_dict(), optimizer,
+                             extra_tensors={"sampler_rng": gen.get_state()})
+    bar.close()
+    policy.eval()
+    return step
+
+
+def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[str, Any] | None:
     dcfg = cfg.distill
     # ---------------------------------------------------------------- 1. demonstrations
     store_path = demo_store_path(cfg)
     if cfg.demos.seed_start + cfg.demos.n_episodes * 3 > cfg.eval.seed_start:
         raise ValueError("demo seeds could reach eval.seed_start: "
                          "raise eval.seed_start or lower demos.n_episodes")
-    summary = runner.collect_demos(store_path, cfg.demos.n_episodes, seed_start=cfg.demos.seed_start,
-                                   num_workers=cfg.demos.num_workers, noise_std=cfg.demos.noise_std,
-                                   noise_prob=cfg.demos.noise_prob)
+    summary = None
+    if distributed.is_main():  # other ranks wait, then read the finished store
+        summary = runner.collect_demos(store_path, cfg.demos.n_episodes, seed_start=cfg.demos.seed_start,
+                                       num_workers=cfg.demos.num_workers, noise_std=cfg.demos.noise_std,
+                                       noise_prob=cfg.demos.noise_prob)
+    distributed.barrier()
     store = EpisodeStore(store_path, mode="r")
     max_demo_seed = int(store.episode_meta("seed")[: cfg.demos.n_episodes].max())
     assert max_demo_seed < cfg.eval.seed_start, "evaluation seeds overlap demo seeds"
@@ -65,56 +125,28 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
     pcfg = policy.config
     dataset = SequenceDataset(data, ends, obs_keys=list(pcfg.obs_keys), obs_horizon=pcfg.obs_horizon,
                               action_horizon=pcfg.action_horizon)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=dcfg.lr, weight_decay=dcfg.weight_decay)
-    gen = torch.Generator().manual_seed(int(cfg.seed))
+    rank, world = distributed.init()
+    gen = torch.Generator().manual_seed(int(cfg.seed) + 1000 * rank)  # each rank draws its own batches
+    logger = MetricLogger(run_dir) if rank == 0 else None
 
     # ---------------------------------------------------------------- 3. train (resumable)
-    state_dir = run_dir / "train_state"
-    step = 0
-    resumed = load_train_state(state_dir) if cfg.resume else None
-    if resumed is not None:
-        policy.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        gen.set_state(resumed["extra_tensors"]["sampler_rng"])
-        step = resumed["step"]
-        print(f"[bc] resuming from {state_dir} at step {step}/{dcfg.steps}")
-    logger = MetricLogger(run_dir)
-
-    def checkpoint_state(at: int) -> None:
-        save_train_state(state_dir, at, policy.state_dict(), optimizer,
-                         extra_tensors={"sampler_rng": gen.get_state()})
-
-    policy.train()
-    bar = progress(total=dcfg.steps, initial=step, desc="train bc", unit="step")
-    t0, losses = time.perf_counter(), []
-    while step < dcfg.steps:
-        idx = torch.randint(len(dataset), (dcfg.batch_size,), generator=gen)
-        batch = {k: v.to(device) for k, v in dataset.get_batch(idx).items()}
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, dcfg.lr, dcfg.warmup_steps, dcfg.steps)
-        loss, metrics = policy.compute_loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}; last checkpoint is in {state_dir}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), dcfg.grad_clip)
-        optimizer.step()
-        step += 1
-        losses.append(metrics["loss"])
-        bar.update(1)
-        if step % dcfg.log_every == 0 or step == dcfg.steps:
-            logger.log(step, {"train/loss": float(np.mean(losses)),
-                              "train/lr": optimizer.param_groups[0]["lr"],
-                              "train/grad_norm": float(grad_norm),
-                              "train/steps_per_s": len(losses) / (time.perf_counter() - t0)})
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}", refresh=False)
-            t0, losses = time.perf_counter(), []
-        if step % dcfg.checkpoint_every == 0 or step == dcfg.steps:
-            checkpoint_state(step)
-    bar.close()
+    step = train_phase("bc", policy, policy.compute_loss, dcfg.steps, cfg, dataset, gen,
+                       run_dir / "train_state", logger, device)
+    if dcfg.consistency_steps > 0 and hasattr(policy, "consistency_loss"):
+        # phase 2 (diffusion students): distil the 1-step consistency head from the trained sampler
+        state_dir = run_dir / "train_state_consistency"
+        if not (state_dir / "train_state.json").exists():
+            policy.init_consistency_from_teacher()
+        step += train_phase("consistency", policy, policy.consistency_loss, dcfg.consistency_steps, cfg,
+                            dataset, gen, state_dir, logger, device,
+                            params=list(policy.consistency_unet.parameters()),
+                            after_step=policy.update_consistency_ema)
 
     # ---------------------------------------------------------------- 4. checkpoint
-    policy.eval()
+    distributed.barrier()
+    if rank != 0:  # rank 0 alone saves and evaluates
+        distributed.shutdown()
+        return None
     ckpt = policy.save_pretrained(run_dir / "checkpoint",
                                   train_config=OmegaConf.to_container(cfg, resolve=True),
                                   meta={"step": step, "demo_store": str(store_path),
@@ -131,4 +163,5 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
     logger.log(step, {"eval/success_rate": report["success_rate"], "eval/mean_return": report["mean_return"]})
     logger.close()
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    distributed.shutdown()
     return report

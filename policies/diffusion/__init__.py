@@ -1,0 +1,3 @@
+from embodied_distill.policies.diffusion.configuration_diffusion import DiffusionPolicyConfig
+
+__all__ = ["DiffusionPolicyConfig"]
