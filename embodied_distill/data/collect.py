@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from embodied_distill.progress import progress
 
 from embodied_distill.data.episode_store import EpisodeStore
+from embodied_distill.progress import progress
 
 _ENV = None
 

@@ -74,15 +74,23 @@ class DiffusionPolicy(Policy):
     def _cond_from_batch(self, batch: dict[str, Tensor]) -> Tensor:
         return self.global_cond(self.stack_obs(batch), batch.get("rgb"))
 
-    def denoise(self, x: Tensor, timesteps: Tensor, cond: Tensor, consistency: bool = False
-                ) -> tuple[Tensor, Tensor]:
-        """One network call at noisy actions x (B, Ta, Da), timesteps (B,) or (B, Ta) -> (x0, eps)."""
-        net = self.consistency_unet if consistency else self.unet
-        out = net(x, timesteps, cond)
+    def denoise(self, x: Tensor, timesteps: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
+        """One teacher network call at noisy actions x (B, Ta, Da), timesteps (B,) or (B, Ta) -> (x0, eps)."""
+        out = self.unet(x, timesteps, cond)
         x0, eps = predict_x0(out, x, timesteps, self.alphas_cumprod, self.config.prediction_type)
         if self.config.clip_sample:
             x0 = x0.clamp(-1, 1)
         return x0, eps
+
+    def consistency_fn(self, x: Tensor, timesteps: Tensor, cond: Tensor,
+                       net: nn.Module | None = None) -> Tensor:
+        """The consistency function ``f(x_t, t) = c_skip(t) x_t + c_out(t) F(x_t, t)`` (B, Ta, Da).
+
+        The head ``F`` predicts x0 directly (an epsilon head would divide by ``sqrt(abar_t)``, ~0 at the
+        top timestep); ``f(x, 0) = x`` by the boundary scalings. Unclamped, so its gradient is exact.
+        """
+        out = (net or self.consistency_unet)(x, timesteps, cond)
+        return consistency_output(x, out, timesteps)
 
     # ------------------------------------------------------------------ inference
     def _predict_normalized_chunk(self, obs: Tensor, images: Tensor | None = None) -> Tensor:
@@ -160,13 +168,9 @@ class DiffusionPolicy(Policy):
             xt = add_noise(x0, torch.randn_like(x0), t, self.alphas_cumprod)
             x0_teacher, eps_teacher = self.denoise(xt, t, cond)
             x_prev = ddim_step(x0_teacher, eps_teacher, t_prev, self.alphas_cumprod)
-            out_ema = self._ema[0](x_prev, t_prev.clamp_min(0), cond)
-            x0_ema, _ = predict_x0(out_ema, x_prev, t_prev.clamp_min(0), self.alphas_cumprod,
-                                   self.config.prediction_type)
-            target = consistency_output(x_prev, x0_ema.clamp(-1, 1), t_prev.clamp_min(0))
+            target = self.consistency_fn(x_prev, t_prev.clamp_min(0), cond, net=self._ema[0])
             target = torch.where((n == 0)[:, None, None], x0_teacher, target)
-        x0_student, _ = self.denoise(xt, t, cond, consistency=True)
-        student = consistency_output(xt, x0_student, t)
+        student = self.consistency_fn(xt, t, cond)
         mask = ~batch["action_is_pad"].to(cond.device)
         loss = consistency_loss(student, target, mask)
         return loss, {"consistency_loss": float(loss.detach())}

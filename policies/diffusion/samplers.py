@@ -23,7 +23,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor
 
-from embodied_distill.losses import add_noise, consistency_output, ddim_step
+from embodied_distill.losses import add_noise, ddim_step
 
 if TYPE_CHECKING:
     from embodied_distill.policies.diffusion.modeling_diffusion import DiffusionPolicy
@@ -187,9 +187,8 @@ class ConsistencySampler(Sampler):
             t = torch.full((B,), time, dtype=torch.long, device=cond.device)
             if i > 0:  # re-noise the current estimate to the intermediate time
                 x = add_noise(out, self.noise(B, T, D, device=cond.device), t, self.policy.alphas_cumprod)
-            x0, _ = self.policy.denoise(x, t, cond, consistency=True)
+            out = self.policy.consistency_fn(x, t, cond).clamp(-1, 1)
             self.calls += 1
-            out = consistency_output(x, x0, t).clamp(-1, 1)
         return out
 
 

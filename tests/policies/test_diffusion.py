@@ -5,10 +5,10 @@ import copy
 import numpy as np
 import pytest
 import torch
-
-from embodied_distill.data.normalizer import Normalizer
 from embodied_distill.policies.base import build_policy, load_policy
 from embodied_distill.policies.diffusion.modeling_diffusion import level_to_timestep, staircase_levels
+
+from embodied_distill.data.normalizer import Normalizer
 
 SAMPLERS = ["ddpm", "ddim", "streaming", "rti", "consistency"]
 
@@ -109,24 +109,40 @@ def test_training_lowers_denoising_and_consistency_losses():
             return float(np.mean([float(fn(batch)[0]) for _ in range(5)]))
 
     before = eval_loss(policy.compute_loss)
-    for _ in range(60):
+    for _ in range(100):
         opt.zero_grad()
         policy.compute_loss(batch)[0].backward()
         opt.step()
     after = eval_loss(policy.compute_loss)
     assert after < 0.7 * before, (before, after)
 
+    # consistency distillation: the 1-step head must approach the deterministic 10-step DDIM teacher
+    policy.eval()
+    cond = policy._cond_from_batch(batch)
+    x_top = torch.randn(32, 16, 3, generator=torch.Generator().manual_seed(5))
+    ddim = policy.sampler  # sampler="ddim", 10 steps
+    with torch.no_grad():
+        target = ddim.denoise_from(x_top.clone(), cond, ddim.scheduler.timesteps)
+
+    def gap():
+        with torch.no_grad():
+            one_step = policy.consistency_fn(x_top, torch.full((32,), 99), cond).clamp(-1, 1)
+        return float((one_step - target).square().mean())
+
     policy.init_consistency_from_teacher()
     teacher = copy.deepcopy(policy.unet.state_dict())
+    before = gap()
     opt = torch.optim.Adam(policy.consistency_unet.parameters(), lr=1e-3)
-    before = eval_loss(policy.consistency_loss)
-    for _ in range(60):
+    policy.train()
+    for _ in range(150):
         opt.zero_grad()
         policy.consistency_loss(batch)[0].backward()
         opt.step()
         policy.update_consistency_ema(0.9)
-    after = eval_loss(policy.consistency_loss)
-    assert after < before, (before, after)
+    policy.eval()
+    after = gap()
+    assert after < 0.5 * before, (before, after)
+    assert bool(policy.consistency_trained)
     assert all(torch.equal(v, policy.unet.state_dict()[k]) for k, v in teacher.items())  # teacher frozen
 
 
@@ -160,4 +176,4 @@ def test_rgb_encoder_and_config_errors():
     with pytest.raises(ValueError, match="sampler"):
         _policy("nosuch")
     with pytest.raises(ValueError, match="divisible"):
-        _policy("ddim", action_horizon=10)
+        _policy("ddim", action_horizon=9)
