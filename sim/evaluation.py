@@ -9,6 +9,7 @@ step) is reported too. Episode length is the first step at which success held (t
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,15 +20,30 @@ from embodied_distill.progress import progress
 
 
 class VecEnv(Protocol):
+    """``reset``/``step`` return the state array (N, D), or a dict of arrays (see ``policy_obs``)."""
+
     num_envs: int
 
-    def reset(self, seeds: list[int]) -> np.ndarray: ...
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+    def reset(self, seeds: list[int]) -> np.ndarray | Mapping[str, Any]: ...
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray | Mapping[str, Any], np.ndarray, np.ndarray]: ...
     def render(self, i: int = 0) -> np.ndarray: ...
 
 
 class NonFiniteActionError(RuntimeError):
     """The policy produced NaN or inf actions."""
+
+
+def policy_obs(obs: np.ndarray | Mapping[str, Any]) -> dict[str, Any]:
+    """A vector env's observation -> the dict ``policy.select_action`` takes.
+
+    An array is the state: ``{"state": (N, D) tensor}``. A dict (runners with images or instructions,
+    e.g. ``{"state": (N, D), "rgb": (N, V, H, W, 3), "instruction": [N strings]}``) is passed key by key:
+    numpy arrays become tensors, anything else (the instruction strings) is passed unchanged.
+    """
+    if isinstance(obs, Mapping):
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+                for k, v in obs.items()}
+    return {"state": torch.from_numpy(obs)}
 
 
 def evaluate_policy(policy, venv: VecEnv, episodes: int, seed_start: int, max_steps: int,
@@ -52,7 +68,7 @@ def evaluate_policy(policy, venv: VecEnv, episodes: int, seed_start: int, max_st
         record = video_path is not None and wave_start < video_episodes
         for t in range(max_steps):
             t0 = time.perf_counter()
-            action = policy.select_action({"state": torch.from_numpy(obs)})
+            action = policy.select_action(policy_obs(obs))
             step_ms.append((time.perf_counter() - t0) * 1e3)
             action = action.detach().cpu().numpy() if torch.is_tensor(action) else np.asarray(action)
             if not np.isfinite(action).all():

@@ -32,6 +32,13 @@ def _groups():
             for g in ("sim", "task", "student", "teacher", "distill")}
 
 
+def _nested_task_options():
+    """Task options in sub-folders (``task=libero_spatial/<task>``): Hydra composes them, but its list of
+    valid choices for a wrong ``task=`` shows only the top level, so they are checked separately."""
+    root = REPO / "configs" / "task"
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.glob("*/*.yaml"))
+
+
 def test_every_config_group_option_composes_and_instantiates():
     groups = _groups()
     with initialize_config_module(config_module="embodied_distill.configs", version_base="1.3"):
@@ -40,8 +47,13 @@ def test_every_config_group_option_composes_and_instantiates():
                 cfg = compose(config_name="train", overrides=[f"{group}={option}"])
                 OmegaConf.to_container(cfg.demos, resolve=False)
                 assert cfg[group].name == option, f"{group}/{option}.yaml must set name: {option}"
-        for task in groups["task"]:
+        for task in _nested_task_options():
             cfg = compose(config_name="train", overrides=[f"task={task}"])
+            assert cfg.task.name == task, f"task/{task}.yaml must set name: {task}"
+        for task in groups["task"] + _nested_task_options():
+            cfg = compose(config_name="train", overrides=[f"task={task}"])
+            if cfg.task.get("sim", cfg.sim.name) != cfg.sim.name:  # e.g. libero tasks need sim=libero
+                cfg = compose(config_name="train", overrides=[f"sim={cfg.task.sim}", f"task={task}"])
             runner = instantiate(cfg.sim.runner)(task=OmegaConf.to_container(cfg.task))
             assert runner.max_episode_steps == cfg.task.max_episode_steps
         cfg = compose(config_name="evaluate", overrides=["checkpoint=/x"])
