@@ -21,8 +21,8 @@ class RgbEncoder(nn.Module):
         layers: list[nn.Module] = []
         c_in = 3
         for c in channels:
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.Mish(),
-                       nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(8, c), nn.Mish()]
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.SiLU(),
+                       nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU()]
             c_in = c
         self.backbone = nn.Sequential(*layers)
         self.keypoints = nn.Conv2d(c_in, num_keypoints, 1)

@@ -1,5 +1,7 @@
 """Conditional 1-D temporal U-Net with FiLM conditioning (Diffusion Policy's denoiser).
 
+SiLU instead of Mish: Mish's backward is ~40% of a CPU training step in torch 2.13.
+
 Differences from the usual design, needed by the streaming sampler: the diffusion step may differ per
 action position (``timesteps`` of shape ``(B, T)``), so the FiLM conditioning is a sequence
 ``(B, T, C)`` pooled to each resolution of the U-Net instead of one vector per sample.
@@ -34,7 +36,7 @@ class SinusoidalEmbedding(nn.Module):
 class ConvBlock(nn.Sequential):
     def __init__(self, c_in: int, c_out: int, kernel: int, groups: int):
         super().__init__(nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2), nn.GroupNorm(groups, c_out),
-                         nn.Mish())
+                         nn.SiLU())
 
 
 class FiLMResBlock(nn.Module):
@@ -44,7 +46,7 @@ class FiLMResBlock(nn.Module):
         super().__init__()
         self.block1 = ConvBlock(c_in, c_out, kernel, groups)
         self.block2 = ConvBlock(c_out, c_out, kernel, groups)
-        self.film = nn.Sequential(nn.Mish(), nn.Conv1d(cond_dim, 2 * c_out, 1))
+        self.film = nn.Sequential(nn.SiLU(), nn.Conv1d(cond_dim, 2 * c_out, 1))
         self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
@@ -68,7 +70,7 @@ class ConditionalUnet1D(nn.Module):
                  down_dims: tuple[int, ...] = (128, 256, 512), kernel_size: int = 5, n_groups: int = 8):
         super().__init__()
         self.step_embed = nn.Sequential(SinusoidalEmbedding(step_embed_dim),
-                                        nn.Linear(step_embed_dim, 4 * step_embed_dim), nn.Mish(),
+                                        nn.Linear(step_embed_dim, 4 * step_embed_dim), nn.SiLU(),
                                         nn.Linear(4 * step_embed_dim, step_embed_dim))
         cond_dim = step_embed_dim + global_cond_dim
         dims = [action_dim, *down_dims]
