@@ -81,3 +81,20 @@ def test_kill_9_mid_training_resumes_from_last_checkpoint(tmp_path):
     assert resumed and f"at step {saved_step}/3000" in resumed[0], out.stdout[-2000:]
     assert json.loads(state.read_text())["step"] == 3000
     assert json.loads((tmp_path / "run" / "report.json").read_text())["train_steps"] == 3000
+
+
+def test_torchrun_two_process_data_parallel_smoke(tmp_path):
+    """Training runs unchanged under torchrun (gloo on CPU): rank 0 saves, evaluates and reports."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--nproc_per_node=2", "--master_port=29533", "-m", "embodied_distill.train", *TINY,
+           "student=diffusion", "student.down_dims=[16,32]", "student.step_embed_dim=16",
+           "student.num_inference_steps=2", "distill.steps=20", "distill.consistency_steps=4",
+           "distill.batch_size=16", "eval.video_episodes=0", "eval.episodes=1",
+           f"demos.dir={tmp_path / 'demos'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
+    assert "data-parallel training over 2 processes" in out.stdout
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["train_steps"] == 24 and report["episodes"] == 1
+    assert json.loads((tmp_path / "run" / "train_state" / "train_state.json").read_text())["step"] == 20

@@ -56,8 +56,11 @@ def train_phase(name: str, policy, loss_fn, steps: int, cfg: DictConfig, dataset
     if resumed is not None:
         policy.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
-        gen.set_state(resumed["extra_tensors"]["sampler_rng"])
+        gen.set_state(resumed["extra_tensors"]["sampler_rng"])  # rank 0's stream
         step = resumed["step"]
+        rank = distributed.init()[0]
+        if rank > 0:  # other ranks need their own, still reproducible, batch stream
+            gen.manual_seed(int(cfg.seed) + 1000 * rank + step)
         print(f"[{name}] resuming from {state_dir} at step {step}/{steps}")
     distributed.broadcast_parameters(policy)
     policy.train()
@@ -99,6 +102,9 @@ def train_phase(name: str, policy, loss_fn, steps: int, cfg: DictConfig, dataset
 
 def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[str, Any] | None:
     dcfg = cfg.distill
+    rank, world = distributed.init()  # torchrun: data-parallel over `world` processes
+    if world > 1 and rank == 0:
+        print(f"[bc] data-parallel training over {world} processes (gradients all-reduced)")
     # ---------------------------------------------------------------- 1. demonstrations
     store_path = demo_store_path(cfg)
     if cfg.demos.seed_start + cfg.demos.n_episodes * 3 > cfg.eval.seed_start:
@@ -125,7 +131,6 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
     pcfg = policy.config
     dataset = SequenceDataset(data, ends, obs_keys=list(pcfg.obs_keys), obs_horizon=pcfg.obs_horizon,
                               action_horizon=pcfg.action_horizon)
-    rank, world = distributed.init()
     gen = torch.Generator().manual_seed(int(cfg.seed) + 1000 * rank)  # each rank draws its own batches
     logger = MetricLogger(run_dir) if rank == 0 else None
 
