@@ -63,6 +63,8 @@ def main(cfg: DictConfig) -> float:
     quiet()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     torch.manual_seed(int(cfg.seed))
+    if cfg.get("torch_threads", 0) > 0:
+        torch.set_num_threads(int(cfg.torch_threads))
     device = resolve_device(cfg.device)
     method = importlib.import_module(f"embodied_distill.distill.{cfg.distill.name}")
     report = method.run(cfg, run_dir, make_runner(cfg), device)
