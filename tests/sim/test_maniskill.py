@@ -106,3 +106,15 @@ def test_import_maniskill_h5(tmp_path):
     np.testing.assert_allclose(store.get_episode(1)["action"], np.stack(actions[4]), atol=1e-6)
     assert store.get_episode(0)["state"].shape == (6, 42)
     assert import_maniskill_h5(tmp_path / "rec" / "t.h5", tmp_path / "s2.zarr")["skipped_failed"] == 2
+
+
+@pytest.mark.slow
+def test_motion_planner_demos_for_peg_insertion(tmp_path):
+    runner = ManiSkillRunner({"name": "peginsertionside", "env_id": "PegInsertionSide-v1",
+                              "max_episode_steps": 200, "control_mode": "pd_joint_pos",
+                              "expert": "motionplanner"}, sim_backend="cpu")
+    summary = runner.collect_demos(tmp_path / "peg.zarr", 2, num_workers=1)
+    assert summary["stored"] == 2
+    store = EpisodeStore(tmp_path / "peg.zarr", mode="r")
+    assert store.get_episode(0)["action"].shape[1] == 8  # pd_joint_pos: 7 joints + gripper
+    assert all(0 < n <= 200 for n in np.diff(np.concatenate([[0], store.episode_ends])))
