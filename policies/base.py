@@ -30,6 +30,8 @@ POLICY_REGISTRY: dict[str, tuple[str, str, str]] = {
     "mlp": ("embodied_distill.policies.mlp.modeling_mlp", "MLPPolicy", "MLPPolicyConfig"),
     "diffusion": ("embodied_distill.policies.diffusion.modeling_diffusion", "DiffusionPolicy",
                   "DiffusionPolicyConfig"),
+    "rl": ("embodied_distill.policies.rl.modeling_rl", "RLPolicy", "RLPolicyConfig"),
+    "residual_rl": ("embodied_distill.policies.rl.modeling_rl", "ResidualPolicy", "ResidualPolicyConfig"),
 }
 
 

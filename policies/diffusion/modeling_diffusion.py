@@ -101,6 +101,12 @@ class DiffusionPolicy(Policy):
         chunk = self._predict_normalized_chunk(self.stack_obs(obs), obs.get("rgb"))
         return self.normalizer.unnormalize("action", chunk)
 
+    @property
+    def stateful_select_action(self) -> bool:
+        """True when the sampler carries state from one chunk to the next (streaming buffer, RTI guess):
+        the robot bridge then lets ``select_action`` own the chunk schedule."""
+        return self.config.sampler in ("streaming", "rti")
+
     def reset(self) -> None:
         super().reset()
         self.sampler.reset()

@@ -158,6 +158,11 @@ def test_save_load_round_trip_gives_identical_actions(tmp_path):
         assert torch.equal(policy.predict_action_chunk(obs), loaded.predict_action_chunk(obs))
 
 
+def test_stateful_samplers_are_declared_to_the_bridge():
+    assert {s: _policy(s).stateful_select_action for s in SAMPLERS} == {
+        "ddpm": False, "ddim": False, "streaming": True, "rti": True, "consistency": False}
+
+
 def test_consistency_requires_trained_head():
     policy = _policy("ddim")
     policy.consistency_trained.fill_(False)

@@ -1,0 +1,1 @@
+"""Gaussian actor-critic and residual policies for RL students (stable-baselines3 engine)."""
