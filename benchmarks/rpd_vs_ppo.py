@@ -1,0 +1,237 @@
+"""PPO vs RPD vs residual RL on ManiSkill state tasks, same network and env-step budget.
+
+    python benchmarks/rpd_vs_ppo.py [--quick] [--tasks pickcube pushcube] [--seeds 0 1 2]
+                                    [--steps N] [--teacher-pickcube DIR] [--stop-after-s S] [--out DIR]
+
+For each task: an imperfect teacher (behaviour cloning of an MLP on few demos, trained here with
+``python -m embodied_distill.train`` unless given; its success on 50 unseen seeds is measured), then for
+each seed and method one training run through the CLI (``distill=rpd teacher=none`` is PPO,
+``distill=rpd teacher=checkpoint`` is RPD, ``distill=residual_rl`` is residual PPO on the frozen
+teacher), one after the other (one heavy job at a time). Each run's deterministic student is evaluated
+every ``eval_every`` env steps on fixed held-out seeds (the curve) and at the end on ``eval.episodes``
+unseen seeds (the final success). Reported: env steps to reach 0.8 success on the curve (or "not within
+budget"), final success mean and spread over seeds, wall time; plus the issue's two targets.
+
+Finished runs are reused (their ``report.json``), so a benchmark cut short by ``--stop-after-s`` (no
+new run starts after that many seconds) can be continued; the results say which runs are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO_ROOT, write_results  # noqa: E402
+
+METHODS = ("ppo", "rpd", "residual_rl")
+TARGET = 0.8
+FULL = {"steps": 100_000, "eval_every": 5000, "eval_episodes": 20, "final_episodes": 50, "teacher_demos": 50,
+        "teacher_steps": 2000}
+QUICK = {"steps": 10_000, "eval_every": 2500, "eval_episodes": 10, "final_episodes": 20, "teacher_demos": 50,
+         "teacher_steps": 2000}
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("[bench]", " ".join(cmd), flush=True)
+    with log.open("w") as f:
+        subprocess.run(["nice", "-n", "15", *cmd], check=True, cwd=REPO_ROOT, stdout=f,
+                       stderr=subprocess.STDOUT, env=_env())
+
+
+def teacher(task: str, work: Path, given: str | None, budget: dict) -> tuple[Path, dict]:
+    """The imperfect teacher's checkpoint and its unseen-seed report (trained here unless given)."""
+    if given:
+        ckpt = Path(given)
+        rep = ckpt.parent / "report.json"
+        return ckpt, json.loads(rep.read_text()) if rep.exists() else {}
+    run = work / "teachers" / task
+    if not (run / "report.json").exists():
+        _run([sys.executable, "-m", "embodied_distill.train", f"task={task}",
+              f"demos.n_episodes={budget['teacher_demos']}", f"distill.steps={budget['teacher_steps']}",
+              "torch_threads=1", "device=cpu", "eval.episodes=50", "eval.video_episodes=0",
+              f"hydra.run.dir={run}"], run.with_suffix(".log"))
+    return run / "checkpoint", json.loads((run / "report.json").read_text())
+
+
+def train_run(task: str, method: str, seed: int, ckpt: Path, work: Path, budget: dict) -> dict:
+    run = work / task / f"{method}_seed{seed}"
+    if not (run / "report.json").exists():
+        distill = "residual_rl" if method == "residual_rl" else "rpd"
+        teach = ["teacher=none"] if method == "ppo" else ["teacher=checkpoint", f"teacher.path={ckpt}"]
+        _run([sys.executable, "-m", "embodied_distill.train", f"task={task}", f"distill={distill}", *teach,
+              f"seed={seed}", f"distill.total_steps={budget['steps']}",
+              f"distill.eval_every={budget['eval_every']}",
+              f"distill.eval_episodes={budget['eval_episodes']}", f"eval.episodes={budget['final_episodes']}",
+              "eval.num_envs=1", "eval.video_episodes=0", "torch_threads=1", "device=cpu", "resume=false",
+              f"hydra.run.dir={run}"], run.with_suffix(".log"))
+    rep = json.loads((run / "report.json").read_text())
+    curve = rep["curve"]
+    reach = next((p["env_steps"] for p in curve if p["eval_success"] >= TARGET), None)
+    return {"task": task, "method": method, "seed": seed, "final_success": rep["success_rate"],
+            "final_episodes": rep["episodes"], "final_return": rep["mean_return"], "steps_to_0.8": reach,
+            "env_steps": rep["env_steps"], "train_wall_s": rep["train_wall_s"], "curve": curve,
+            "run_dir": str(run)}
+
+
+def summarize(runs: list[dict], teachers: dict, budget: dict) -> tuple[list[dict], str]:
+    rows, lines = [], []
+    lines.append(f"| task | method | seeds | final success (mean ± std) | env steps to {TARGET} (per seed) | "
+                 "teacher success | train wall (s/run) |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for task in dict.fromkeys(r["task"] for r in runs):
+        for method in METHODS:
+            rs = [r for r in runs if r["task"] == task and r["method"] == method]
+            if not rs:
+                continue
+            fin = np.array([r["final_success"] for r in rs])
+            reach = [r["steps_to_0.8"] for r in rs]
+            row = {"task": task, "method": method, "seeds": [r["seed"] for r in rs],
+                   "final_success_mean": float(fin.mean()), "final_success_std": float(fin.std()),
+                   "steps_to_0.8": reach, "teacher_success": teachers[task]["success_rate"],
+                   "train_wall_s_mean": float(np.mean([r["train_wall_s"] for r in rs]))}
+            rows.append(row)
+            reach_s = ", ".join(str(x) if x is not None else f"not within {budget['steps']}" for x in reach)
+            lines.append(f"| {task} | {method} | {len(rs)} | {fin.mean():.2f} ± {fin.std():.2f} | "
+                         f"{reach_s} | {teachers[task]['success_rate']:.2f} | "
+                         f"{row['train_wall_s_mean']:.0f} |")
+    return rows, "\n".join(lines)
+
+
+def targets(rows: list[dict], budget: dict) -> dict:
+    """The issue's targets per task: RPD reaches 0.8 in <= 1/3 of PPO's env steps; RPD final > teacher."""
+    out = {}
+    for task in dict.fromkeys(r["task"] for r in rows):
+        by = {r["method"]: r for r in rows if r["task"] == task}
+        if "rpd" not in by:
+            continue
+        rpd = by["rpd"]
+        res = {"rpd_beats_teacher": rpd["final_success_mean"] > rpd["teacher_success"]}
+        if "ppo" in by:
+            reach_r = [x for x in rpd["steps_to_0.8"] if x is not None]
+            reach_p = [x for x in by["ppo"]["steps_to_0.8"] if x is not None]
+            if len(reach_r) < len(rpd["steps_to_0.8"]):
+                res["rpd_3x_faster_than_ppo"] = "undecided: RPD did not reach 0.8 in every seed within budget"
+            else:
+                all_ppo = len(reach_p) == len(by["ppo"]["steps_to_0.8"])
+                ppo_steps = float(np.mean(reach_p)) if all_ppo else None
+                bound = ppo_steps if ppo_steps is not None else budget["steps"]  # PPO: at least the budget
+                ok = float(np.mean(reach_r)) <= bound / 3
+                res["rpd_3x_faster_than_ppo"] = ok if ppo_steps is not None or ok else \
+                    "undecided: PPO did not reach 0.8 within budget"
+        out[task] = res
+    return out
+
+
+def plot(runs: list[dict], teachers: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in runs))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for method in METHODS:
+            rs = [r for r in runs if r["task"] == task and r["method"] == method]
+            if not rs:
+                continue
+            n = min(len(r["curve"]) for r in rs)
+            x = np.array([p["env_steps"] for p in rs[0]["curve"][:n]])
+            y = np.array([[p["eval_success"] for p in r["curve"][:n]] for r in rs])
+            ax.plot(x, y.mean(0), marker="o", label=f"{method} ({len(rs)} seeds)")
+            if len(rs) > 1:
+                ax.fill_between(x, y.min(0), y.max(0), alpha=0.2)
+        ax.axhline(teachers[task]["success_rate"], color="gray", ls="--", label="teacher (BC)")
+        ax.axhline(TARGET, color="k", ls=":", lw=0.8)
+        ax.set(title=task, xlabel="env steps", ylabel="success (held-out seeds)", ylim=(-0.02, 1.02))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="PickCube, seed 0, 10k env steps per run")
+    ap.add_argument("--tasks", nargs="+", default=None)
+    ap.add_argument("--seeds", nargs="+", type=int, default=None)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--steps", type=int, default=None, help="env steps per run (overrides the preset)")
+    ap.add_argument("--eval-every", type=int, default=None)
+    ap.add_argument("--teacher-pickcube", default=None, help="teacher checkpoint dir (else trained here)")
+    ap.add_argument("--teacher-pushcube", default=None)
+    ap.add_argument("--stop-after-s", type=float, default=None, help="start no new run after this many s")
+    ap.add_argument("--name", default=None, help="results name (default rpd_vs_ppo[_quick])")
+    ap.add_argument("--note", default="", help="a line for the Markdown header (e.g. why a run is partial)")
+    ap.add_argument("--work", default=str(REPO_ROOT / "outputs" / "benchmarks" / "rpd_vs_ppo"))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    budget = dict(QUICK if args.quick else FULL)
+    if args.steps:
+        budget["steps"] = args.steps
+    if args.eval_every:
+        budget["eval_every"] = args.eval_every
+    tasks = args.tasks or (["pickcube"] if args.quick else ["pickcube", "pushcube"])
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    work = Path(args.work) / ("quick" if args.quick else "full")
+    t0 = time.perf_counter()
+    teachers, runs, missing = {}, [], []
+    for task in tasks:
+        ckpt, rep = teacher(task, work, getattr(args, f"teacher_{task}", None), budget)
+        teachers[task] = {"checkpoint": str(ckpt), "success_rate": rep.get("success_rate", float("nan")),
+                          "episodes": rep.get("episodes"), "demo_episodes": rep.get("demo_episodes")}
+        print(f"[bench] {task} teacher success {teachers[task]['success_rate']:.2f} "
+              f"({teachers[task]['episodes']} unseen seeds)", flush=True)
+    for seed in seeds:  # seed-major, so a cut-short benchmark still compares every method
+        for task in tasks:
+            for method in args.methods:
+                done = (work / task / f"{method}_seed{seed}" / "report.json").exists()
+                late = args.stop_after_s is not None and time.perf_counter() - t0 > args.stop_after_s
+                if not done and late:
+                    missing.append(f"{task}/{method}/seed{seed}")
+                    continue
+                runs.append(train_run(task, method, seed, Path(teachers[task]["checkpoint"]), work, budget))
+                r = runs[-1]
+                print(f"[bench] {task} {method} seed {seed}: final {r['final_success']:.2f}, "
+                      f"0.8 at {r['steps_to_0.8']}, {r['train_wall_s']:.0f} s", flush=True)
+    rows, table = summarize(runs, teachers, budget)
+    tgt = targets(rows, budget)
+    name = args.name or ("rpd_vs_ppo_quick" if args.quick else "rpd_vs_ppo")
+    out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    if runs:
+        plot(runs, teachers, out / f"{name}.png")
+    wall = time.perf_counter() - t0
+    train_min = sum(r["train_wall_s"] for r in runs) / 60
+    head = (f"## {name}{' (PARTIAL: missing ' + ', '.join(missing) + ')' if missing else ''}\n\n"
+            f"Budget per run: {budget['steps']} env steps (1 CPU env, PPO rollouts of 500 steps, 10 epochs, "
+            "minibatch 50, gamma 0.8, RPD lambda 10 MSE: configs/distill/rpd.yaml defaults), curve every "
+            f"{budget['eval_every']} steps on {budget['eval_episodes']} held-out seeds, final success on "
+            f"{budget['final_episodes']} unseen seeds. Teacher: MLP BC on {budget['teacher_demos']} demos. "
+            f"Wall time: this invocation {wall / 60:.1f} min, the runs' training {train_min:.1f} min "
+            "(plus evaluation).\n\n")
+    if args.note:
+        head += f"**Note:** {args.note}\n\n"
+    md = head + table + "\n\nTargets: " + json.dumps(tgt) + f"\n\n![curves]({name}.png)\n"
+    write_results(name, {"budget": budget, "tasks": tasks, "seeds": seeds, "methods": args.methods,
+                         "teachers": teachers, "rows": rows, "targets": tgt, "runs": runs,
+                         "partial": bool(missing), "missing_runs": missing, "note": args.note,
+                         "wall_s": wall}, md, out)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
