@@ -87,6 +87,26 @@ else
   say "not a Debian/Ubuntu machine: make sure a Vulkan driver (GPU or Mesa >= 25 lavapipe) is installed"
 fi
 
+# 3b. ---- LIBERO-style suite (sim=libero): headless OpenGL for MuJoCo's RGB cameras (MUJOCO_GL=egl) ----
+# libEGL plus Mesa's EGL and DRI (llvmpipe) drivers; many images already have them. When Mesa came from
+# bookworm-backports (step 3), the same suite is used so that all Mesa libraries keep one version.
+if command -v apt-get >/dev/null 2>&1; then
+  EGL_PKGS="libegl1 libegl-mesa0 libgl1-mesa-dri"
+  if dpkg -s $EGL_PKGS >/dev/null 2>&1; then
+    say "EGL for MuJoCo rendering already installed"
+  else
+    say "installing $EGL_PKGS (offscreen rendering for the LIBERO-style suite)"
+    $SUDO apt-get update -qq
+    if grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/ \
+        && [ "$(mesa_major || true)" != "" ] && [ "$(mesa_major)" -ge 25 ]; then
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq -t bookworm-backports $EGL_PKGS >/dev/null
+    else
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $EGL_PKGS >/dev/null
+    fi
+  fi
+fi
+# ---- end of the LIBERO-style block ----
+
 # 4. the package itself
 STAMP=.venv/.embodied-distill-installed
 WANT="$(cat pyproject.toml | sha1sum | cut -c1-16)$EXTRAS"
