@@ -118,6 +118,17 @@ else
   echo "$WANT" > "$STAMP"
 fi
 
+# 4b. test-time assets: robosuite's packaged Panda MJCF for the LIBERO-style suite (read as files, never
+#     imported, so its numba/OpenCV dependencies are not needed)
+if [ -n "$EXTRAS" ]; then
+  if "$VPY" -c "import importlib.util as u; import sys; sys.exit(u.find_spec('robosuite') is None)" 2>/dev/null; then
+    say "robosuite assets present"
+  else
+    say "installing robosuite's Panda assets (pip --no-deps robosuite<1.5) for the LIBERO-style tests"
+    pip_install --no-deps "robosuite>=1.4,<1.5"
+  fi
+fi
+
 # 5. smoke check of the simulator stack
 say "checking ManiSkill can build PickCube-v1 on this machine"
 "$VPY" - <<'PY'
