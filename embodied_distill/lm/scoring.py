@@ -1,0 +1,203 @@
+"""Forward passes at the completion positions, and the teacher's scores in three forms.
+
+The trained positions of a :class:`~embodied_distill.lm.rollout.Rollout` are flattened row-major over
+``completion_mask``: ``N = completion_mask.sum()`` rows. Everything here returns tensors over those N
+rows, never over the prompt positions (whose logits no loss uses).
+
+Teacher scoring (:func:`score_teacher`, ``mode=``):
+
+* ``"full"``: the teacher's final hidden states ``(N, Ht)`` and its LM head ``(V, Ht)``, so the loss
+  forms teacher logits one chunk at a time; or, for models whose logits are not a plain linear map of
+  the last hidden state (logit soft-capping or scaling), the logits ``(N, V)``.
+* ``"topk"``: the top-k full-vocabulary log-probabilities and their token ids ``(N, k)``
+  (:func:`~embodied_distill.losses.teacher_topk`), what an offline cache stores.
+* ``"sampled"``: one float per token, the log-probability of the sampled token ``(N,)``
+  (:func:`~embodied_distill.losses.token_log_probs`), as the Thinking Machines OPD recipe uses.
+
+Log-probabilities are taken at the loss temperature (the sampling temperature).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from embodied_distill.losses import teacher_topk, token_log_probs
+
+from .rollout import Prompts, Rollout, sequence
+
+SCORING_MODES = ("full", "topk", "sampled")
+
+# Config attributes that make logits differ from ``hidden @ lm_head.weight.T`` (Gemma 2/3 soft-capping,
+# Cohere / Granite scaling): such models are scored through their own forward pass instead.
+_NON_LINEAR_HEAD_ATTRS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier_scale",
+)
+
+
+def linear_head(model: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """``(weight (V, H), bias (V,) | None)`` when the model's logits are exactly ``h @ W.T + b`` of its
+    last hidden state ``h``; ``None`` otherwise."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        return None
+    config = getattr(model, "config", None)
+    for attr in _NON_LINEAR_HEAD_ATTRS:
+        value = getattr(config, attr, None)
+        if value is not None and value != 1.0:
+            return None
+    return head.weight, head.bias
+
+
+def completion_outputs(
+    model: nn.Module, prompts: Prompts, completion: Tensor, mask: Tensor, *, hidden: bool
+) -> Tensor:
+    """The model's final hidden states ``(B, Tc, H)`` (``hidden=True``) or logits ``(B, Tc, V)`` at the
+    positions that predict the completion tokens (columns ``P-1 .. P+Tc-2`` of ``[prompt | completion]``).
+
+    Differentiable when called with gradients enabled; the LM head is applied to these positions only.
+    """
+    ids, attention, positions = sequence(prompts, completion, mask)
+    start, stop = prompts.ids.shape[1] - 1, prompts.ids.shape[1] + completion.shape[1] - 1
+    if hidden:
+        out = model.base_model(
+            input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False
+        )
+        return out.last_hidden_state[:, start:stop]
+    keep = torch.arange(start, stop, device=ids.device)
+    out = model(
+        input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False, logits_to_keep=keep
+    )
+    return out.logits
+
+
+def flat_positions(values: Tensor, mask: Tensor) -> Tensor:
+    """``(B, Tc, ...)`` -> ``(N, ...)``: the rows where ``mask (B, Tc)`` is true, row-major."""
+    return values[mask.bool()]
+
+
+@dataclass
+class TeacherScores:
+    """The teacher's view of the N trained positions; exactly one form is filled (see module docstring).
+
+    ``hidden (N, Ht)`` with ``weight (V, Ht)`` and ``bias (V,) | None``; or ``logits (N, V)``; or
+    ``topk_logprobs`` + ``topk_indices`` ``(N, k)``; or ``token_logprobs (N,)``.
+    """
+
+    hidden: Tensor | None = None
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+    logits: Tensor | None = None
+    topk_logprobs: Tensor | None = None
+    topk_indices: Tensor | None = None
+    token_logprobs: Tensor | None = None
+
+    @property
+    def mode(self) -> str:
+        """``"full"``, ``"topk"`` or ``"sampled"``."""
+        if self.hidden is not None or self.logits is not None:
+            return "full"
+        if self.topk_logprobs is not None:
+            return "topk"
+        if self.token_logprobs is not None:
+            return "sampled"
+        raise ValueError("empty TeacherScores")
+
+    @property
+    def num_positions(self) -> int:
+        for t in (self.hidden, self.logits, self.topk_logprobs, self.token_logprobs):
+            if t is not None:
+                return int(t.shape[0])
+        return 0
+
+    def select(self, index: Tensor) -> TeacherScores:
+        """The scores at a subset of the positions (``index``: bool ``(N,)`` or int ids)."""
+        per_position = {"hidden", "logits", "topk_logprobs", "topk_indices", "token_logprobs"}
+        return TeacherScores(
+            **{
+                f.name: (
+                    getattr(self, f.name)[index]
+                    if f.name in per_position and getattr(self, f.name) is not None
+                    else getattr(self, f.name)
+                )
+                for f in fields(self)
+            }
+        )
+
+    def logits_chunk(self, start: int, stop: int) -> Tensor:
+        """Teacher logits ``(stop - start, V)`` for full scores (formed from hidden states on demand)."""
+        if self.logits is not None:
+            return self.logits[start:stop]
+        if self.hidden is None:
+            raise ValueError(f"teacher scores of mode {self.mode!r} hold no logits")
+        return F.linear(self.hidden[start:stop], self.weight, self.bias)
+
+
+@torch.no_grad()
+def score_teacher(
+    teacher: nn.Module,
+    rollout: Rollout,
+    mode: str = "full",
+    *,
+    k: int = 64,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+) -> TeacherScores:
+    """Run the teacher on its prompts + the completions and return its scores at the N trained positions.
+
+    ``mode``: ``"full"``, ``"topk"`` (``k`` tokens) or ``"sampled"`` (see module docstring). Top-k and
+    sampled log-probabilities are computed ``chunk_size`` positions at a time, so the ``(N, V)`` teacher
+    logits never exist at once.
+    """
+    if mode not in SCORING_MODES:
+        raise ValueError(f"teacher scoring mode must be one of {SCORING_MODES}, got {mode!r}")
+    head = linear_head(teacher)
+    outputs = completion_outputs(
+        teacher, rollout.teacher_prompts, rollout.completion, rollout.completion_mask, hidden=head is not None
+    )
+    rows = flat_positions(outputs, rollout.completion_mask)
+    if head is not None:  # detached: with self-distillation the "teacher" head is the student's parameter
+        bias = None if head[1] is None else head[1].detach()
+        full = TeacherScores(hidden=rows, weight=head[0].detach(), bias=bias)
+    else:
+        full = TeacherScores(logits=rows)
+    if mode == "full":
+        return full
+    tokens = flat_positions(rollout.completion, rollout.completion_mask)
+    parts: list[tuple[Tensor, ...]] = []
+    for start in range(0, rows.shape[0], chunk_size):
+        logits = full.logits_chunk(start, start + chunk_size)
+        if mode == "topk":
+            parts.append(teacher_topk(logits, min(k, logits.shape[-1]), temperature))
+        else:
+            parts.append((token_log_probs(logits, tokens[start : start + chunk_size], temperature),))
+    if mode == "topk":
+        if not parts:
+            empty = rows.new_zeros(0, k)
+            return TeacherScores(topk_logprobs=empty, topk_indices=empty.long())
+        return TeacherScores(
+            topk_logprobs=torch.cat([p[0] for p in parts]), topk_indices=torch.cat([p[1] for p in parts])
+        )
+    return TeacherScores(token_logprobs=torch.cat([p[0] for p in parts]) if parts else rows.new_zeros(0))
+
+
+@torch.no_grad()
+def sampled_logprobs(
+    model: nn.Module, prompts: Prompts, rollout: Rollout, *, temperature: float = 1.0, chunk_size: int = 256
+) -> Tensor:
+    """Log-probabilities ``(N,)`` of the completion tokens under ``model`` (no gradient), e.g. ExOPD's
+    reference model on the student's prompts."""
+    scores = score_teacher(
+        model,
+        Rollout(prompts, prompts, rollout.completion, rollout.completion_mask),
+        "sampled",
+        temperature=temperature,
+        chunk_size=chunk_size,
+    )
+    return scores.token_logprobs
