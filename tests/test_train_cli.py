@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.sim
 
 TINY = ["sim=maniskill", "task=pickcube", "demos.n_episodes=4", "eval.episodes=2", "eval.num_envs=1",
-        "eval.video_episodes=1", "distill.log_every=20"]
+        "eval.video_episodes=1", "distill.log_every=20", "torch_threads=1"]
 
 
 def _train(tmp_path, extra, **kw):
@@ -61,7 +61,8 @@ def test_train_then_evaluate_end_to_end(tmp_path):
 
 
 def test_kill_9_mid_training_resumes_from_last_checkpoint(tmp_path):
-    extra = ["distill.steps=3000", "distill.checkpoint_every=100", "eval.video_episodes=0"]
+    extra = ["distill.steps=3000", "distill.checkpoint_every=100", "eval.video_episodes=0",
+             "student.hidden_dims=[128,128]"]
     cmd = [sys.executable, "-m", "embodied_distill.train", *TINY, f"demos.dir={tmp_path / 'demos'}",
            f"hydra.run.dir={tmp_path / 'run'}", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
