@@ -40,6 +40,7 @@ import argparse
 import gc
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -169,11 +170,12 @@ def _lm_cfg(setup: dict, spec: dict):
 
 
 def _build_cache(setup: dict, spec: dict, teacher, student, tokenizer, train) -> tuple[object, dict]:
-    """The offline cache over one pass of the prompts the steps will see (steps x batch), and its cost."""
+    """The offline cache over steps x batch prompts drawn from the training prompts (one pass of what the
+    steps will see, from the same prompt distribution as the live variants), and its cost."""
     from embodied_distill.lm.train import build_offline_cache
 
     t0 = time.perf_counter()
-    cached = train[: setup["steps"] * setup["batch_size"]]
+    cached = random.Random(SEED).sample(list(train), min(len(train), setup["steps"] * setup["batch_size"]))
     cache = build_offline_cache(
         teacher,
         student,
