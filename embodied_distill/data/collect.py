@@ -33,6 +33,26 @@ def _run(args):
     return episode_fn(_ENV, seed)
 
 
+def open_demo_store(store_path: str | Path, attrs: Mapping[str, Any] | None, seed_start: int
+                    ) -> tuple[EpisodeStore, int, int]:
+    """Open (or create) a demo store for appending; refuse one generated with other ``attrs``.
+
+    Returns ``(store, episodes already stored, next seed to roll out)``: the seed after the last
+    stored one, so a rerun after a crash continues where the last run stopped.
+    """
+    store = EpisodeStore(store_path, mode="a")
+    attrs = dict(attrs or {})
+    if store.n_episodes and attrs:
+        old = {k: store.attrs.get(k) for k in attrs}
+        if old != attrs:
+            raise ValueError(f"demo store {store_path} was generated with {old}, not {attrs}; "
+                             "delete it or point demos.path elsewhere")
+    store.set_attrs(**attrs)
+    have = store.n_episodes
+    next_seed = int(store.episode_meta("seed").max()) + 1 if have else int(seed_start)
+    return store, have, next_seed
+
+
 def collect_demos(store_path: str | Path, make_env: Callable[[], Any],
                   episode_fn: Callable[[Any, int], Mapping[str, Any]], n_episodes: int,
                   seed_start: int = 0, num_workers: int = 2, attrs: Mapping[str, Any] | None = None,
@@ -47,16 +67,7 @@ def collect_demos(store_path: str | Path, make_env: Callable[[], Any],
 
     Returns a summary: stored, attempted, successes, success rate of the attempts made now.
     """
-    store = EpisodeStore(store_path, mode="a")
-    attrs = dict(attrs or {})
-    if store.n_episodes and attrs:
-        old = {k: store.attrs.get(k) for k in attrs}
-        if old != attrs:
-            raise ValueError(f"demo store {store_path} was generated with {old}, not {attrs}; "
-                             "delete it or point demos.path elsewhere")
-    store.set_attrs(**attrs)
-    have = store.n_episodes
-    next_seed = int(store.episode_meta("seed").max()) + 1 if have else seed_start
+    store, have, next_seed = open_demo_store(store_path, attrs, seed_start)
     todo = n_episodes - have
     summary = {"stored": have, "attempted": 0, "successes": 0, "resumed_from": have}
     if todo <= 0:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from embodied_distill.data.episode_store import EpisodeStore
+from embodied_distill.data.collect import open_demo_store
 from embodied_distill.progress import progress
 
 EVAL_SEED_START = 100_000
@@ -124,16 +124,7 @@ def collect_demos(store_path: str | Path, setup: Mapping[str, Any], n_episodes: 
     """
     if n_episodes < 1:
         raise ValueError("n_episodes must be >= 1")
-    store = EpisodeStore(store_path, mode="a")
-    attrs = dict(attrs or {})
-    if store.n_episodes and attrs:
-        old = {k: store.attrs.get(k) for k in attrs}
-        if old != attrs:
-            raise ValueError(f"demo store {store_path} was generated with {old}, not {attrs}; "
-                             "delete it or point demos.path elsewhere")
-    store.set_attrs(**attrs)
-    have = store.n_episodes
-    next_seed = int(store.episode_meta("seed").max()) + 1 if have else int(seed_start)
+    store, have, next_seed = open_demo_store(store_path, attrs, seed_start)
     summary: dict[str, Any] = {"stored": have, "attempted": 0, "successes": 0, "resumed_from": have}
     todo = n_episodes - have
     if todo <= 0:
