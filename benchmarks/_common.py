@@ -69,3 +69,22 @@ def write_results(name: str, payload: dict, table_md: str, out_dir: str | os.Pat
     json_path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
     (out / f"{name}.md").write_text(table_md.rstrip() + "\n")
     return json_path
+
+
+def status_mib(field: str) -> float:
+    """A ``/proc/self/status`` memory field (``VmRSS``: resident now, ``VmHWM``: peak) in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_OUT, REPO_ROOT, write_results  # noqa: E402
+from _common import DEFAULT_OUT, REPO_ROOT, reset_peak_rss, status_mib, write_results  # noqa: E402
 
 NAME = "lm_opd"
 WARMUP_DIR = REPO_ROOT / "outputs" / "lm_bench" / "warmup"
@@ -96,23 +96,6 @@ VARIANTS: dict[str, dict] = {
 # ---------------------------------------------------------------------------------------------------
 # Memory
 # ---------------------------------------------------------------------------------------------------
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -207,8 +190,8 @@ def _ours(name: str, spec: dict, setup: dict, teacher, student, tokenizer, train
 
 
 def _train_loop(step_fn, steps: int) -> dict:
-    rss_loaded = _status_mib("VmRSS")
-    reset = _reset_peak()
+    rss_loaded = status_mib("VmRSS")
+    reset = reset_peak_rss()
     t0 = time.perf_counter()
     tokens, on_policy, times = 0.0, 0, []
     for _ in range(steps):
@@ -217,7 +200,7 @@ def _train_loop(step_fn, steps: int) -> dict:
         on_policy += int(m.get("on_policy", 0))
         times.append(m["step_time_s"])
     seconds = time.perf_counter() - t0
-    peak = _status_mib("VmHWM")
+    peak = status_mib("VmHWM")
     return {
         "train_s": seconds,
         "tokens": tokens,
@@ -290,12 +273,12 @@ def _trl(spec: dict, setup: dict, teacher, student, tokenizer, train) -> dict:
             processing_class=tokenizer,
         )
         gc.collect()
-        rss_loaded = _status_mib("VmRSS")
-        reset = _reset_peak()
+        rss_loaded = status_mib("VmRSS")
+        reset = reset_peak_rss()
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
-        peak = _status_mib("VmHWM")
+        peak = status_mib("VmHWM")
     student = trainer.model
     torch.set_grad_enabled(True)
     return {

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_OUT, write_results  # noqa: E402
+from _common import DEFAULT_OUT, reset_peak_rss, status_mib, write_results  # noqa: E402
 
 SEED = 0
 BETA = 0.5
@@ -44,25 +44,6 @@ QUICK_TOKENS = (2, 512)
 ROUNDS = 2
 VARIANTS = [("logits", "naive"), ("logits", "chunked"), ("hidden", "naive"), ("hidden", "chunked"),
             ("hidden", "hidden-state")]  # fmt: skip
-
-
-def _status_mib(field: str) -> float:
-    """A ``/proc/self/status`` memory field (``VmRSS``: resident now, ``VmHWM``: peak) in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0  # kB
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def run_worker(scenario: str, variant: str, tokens: int, vocab: int, hidden: int, seed: int) -> dict:
@@ -107,14 +88,14 @@ def run_worker(scenario: str, variant: str, tokens: int, vocab: int, hidden: int
 
     grads, consts = make_inputs(tokens, vocab)
     gc.collect()
-    reset = _reset_peak_rss()
-    baseline = _status_mib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    reset = reset_peak_rss()
+    baseline = status_mib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     loss = loss_fn(grads, consts)
     t1 = time.perf_counter()
     loss.backward()
     t2 = time.perf_counter()
-    peak = _status_mib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     grad_norm = math.sqrt(sum(float(x.grad.double().square().sum()) for x in grads))
     return {
         "scenario": scenario,
