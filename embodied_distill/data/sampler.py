@@ -17,9 +17,12 @@ class SequenceDataset(Dataset):
     """Windows over concatenated episodes.
 
     Args:
-        data: ``{key: (N, D)}`` arrays concatenated over episodes (e.g. from ``EpisodeStore.load``).
+        data: ``{key: (N, ...)}`` arrays concatenated over episodes (e.g. from ``EpisodeStore.load``).
+            uint8 arrays (images) stay uint8, other numbers become float32; string arrays (N,) are text
+            observations (e.g. the instruction of each step).
         episode_ends: (E,) exclusive end indices.
-        obs_keys: keys stacked over the obs horizon (each item gets ``(To, D)``).
+        obs_keys: keys stacked over the obs horizon (each item gets ``(To, D)``); a text key gets the
+            string of the window's current step (no time axis), a batch a list of B strings.
         action_key: key of the actions (each item gets ``(Ta, Da)``).
         obs_horizon: To >= 1.  action_horizon: Ta >= 1.
     """
@@ -28,8 +31,10 @@ class SequenceDataset(Dataset):
                  action_key: str = "action", obs_horizon: int = 2, action_horizon: int = 8):
         if obs_horizon < 1 or action_horizon < 1:
             raise ValueError("obs_horizon and action_horizon must be >= 1")
-        self.data = {k: torch.as_tensor(np.asarray(data[k]), dtype=torch.float32)
-                     for k in [*obs_keys, action_key]}
+        arrays = {k: np.asarray(data[k]) for k in [*obs_keys, action_key]}
+        self.text = {k: a for k, a in arrays.items() if a.dtype.kind in "OUS"}
+        self.data = {k: torch.as_tensor(a, dtype=torch.uint8 if a.dtype == np.uint8 else torch.float32)
+                     for k, a in arrays.items() if k not in self.text}
         self.obs_keys, self.action_key = list(obs_keys), action_key
         self.to, self.ta = obs_horizon, action_horizon
         ends = np.asarray(episode_ends, dtype=np.int64)
@@ -44,14 +49,17 @@ class SequenceDataset(Dataset):
         return {k: v[0] for k, v in self.get_batch(torch.tensor([i])).items()}
 
     def get_batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Vectorised gather of windows ``indices`` (B,) -> obs keys (B, To, D), action (B, Ta, Da),
-        ``action_is_pad`` (B, Ta) bool. Much faster than a DataLoader over ``__getitem__``."""
+        """Vectorised gather of windows ``indices`` (B,) -> obs keys (B, To, D) (text keys: B strings),
+        action (B, Ta, Da), ``action_is_pad`` (B, Ta) bool. Much faster than a DataLoader over
+        ``__getitem__``."""
         rows = torch.as_tensor(self.index[np.asarray(indices)]).long().reshape(-1, 3)
         t, start, end = rows[:, :1], rows[:, 1:2], rows[:, 2:3]
         obs_idx = torch.maximum(t + torch.arange(-self.to + 1, 1), start)
         act_raw = t + torch.arange(self.ta)
         act_idx = torch.minimum(act_raw, end - 1)
-        batch = {k: self.data[k][obs_idx] for k in self.obs_keys}
+        now = t[:, 0].numpy()
+        batch = {k: self.data[k][obs_idx] if k in self.data else [str(x) for x in self.text[k][now]]
+                 for k in self.obs_keys}
         batch[self.action_key] = self.data[self.action_key][act_idx]
         batch["action_is_pad"] = act_raw >= end
         return batch
