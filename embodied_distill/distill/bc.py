@@ -29,8 +29,48 @@ from embodied_distill.progress import progress
 
 def demo_store_path(cfg: DictConfig) -> Path:
     d = cfg.demos
-    return Path(d.dir) / (f"{cfg.task.name}_{cfg.task.control_mode}_{cfg.task.expert}"
+    size = cfg.sim.get("runner", {}).get("image_size", "")
+    rgb = f"_rgb{size}" if cfg.task.get("obs_mode") == "rgb" else ""  # stores with images are their own
+    return Path(d.dir) / (f"{cfg.task.name}_{cfg.task.control_mode}_{cfg.task.expert}{rgb}"
                           f"_noise{d.noise_std}x{d.noise_prob}.zarr")
+
+
+def read_demos(cfg: DictConfig, store_path: Path) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+    """The first ``demos.n_episodes`` demos: ``({"state": (N, Do), "action": (N, Da)}, ends (E,),
+    largest demo seed)``; refuses demos whose seeds reach the evaluation seeds.
+
+    Images the student reads (e.g. ``rgb`` (N, V, H, W, 3) uint8) are loaded too, and a student that reads
+    ``instruction`` gets each step's instruction string (N,) from the per-episode ``meta/instruction``."""
+    store = EpisodeStore(store_path, mode="r")
+    max_demo_seed = int(store.episode_meta("seed")[: cfg.demos.n_episodes].max())
+    assert max_demo_seed < cfg.eval.seed_start, "evaluation seeds overlap demo seeds"
+    ends = store.episode_ends[: cfg.demos.n_episodes]
+    obs_keys = list(cfg.student.get("obs_keys", ["state"]))
+    extra = [k for k in obs_keys if k in store.keys and k not in ("state", "action")]
+    data = {k: v[: ends[-1]] for k, v in store.load(["state", "action", *extra]).items()}
+    if "instruction" in obs_keys:
+        if "instruction" not in store.root["meta"]:
+            raise ValueError(f"the student reads instructions but demo store {store_path} has none "
+                             "(meta/instruction); use a language-conditioned suite such as sim=libero")
+        texts = store.episode_meta("instruction")[: len(ends)]
+        data["instruction"] = np.repeat(texts.astype(str), np.diff(ends, prepend=0))
+    return data, ends, max_demo_seed
+
+
+def sequence_dataset(policy, data: dict[str, np.ndarray], ends: np.ndarray) -> SequenceDataset:
+    """Training windows shaped for ``policy`` (its obs keys, To and Ta)."""
+    pcfg = policy.config
+    return SequenceDataset(data, ends, obs_keys=list(pcfg.obs_keys), obs_horizon=pcfg.obs_horizon,
+                           action_horizon=pcfg.action_horizon)
+
+
+def build_student(cfg: DictConfig, data: dict[str, np.ndarray], device: torch.device):
+    """The ``student`` policy with a normaliser fitted on ``data`` (sizes taken from the data)."""
+    normalizer = Normalizer.fit({k: data[k] for k in ("state", "action")}, mode=cfg.distill.normalizer_mode,
+                                eps=cfg.distill.normalizer_eps)
+    student_cfg = OmegaConf.to_container(cfg.student, resolve=True)
+    student_cfg.update(obs_dim=int(data["state"].shape[-1]), action_dim=int(data["action"].shape[-1]))
+    return build_policy(student_cfg.pop("name"), student_cfg, normalizer).to(device)
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
@@ -69,7 +109,7 @@ def train_phase(name: str, policy, loss_fn, steps: int, cfg: DictConfig, dataset
     t0, losses = time.perf_counter(), []
     while step < steps:
         idx = torch.randint(len(dataset), (dcfg.batch_size,), generator=gen)
-        batch = {k: v.to(device) for k, v in dataset.get_batch(idx).items()}
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in dataset.get_batch(idx).items()}
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, dcfg.lr, dcfg.warmup_steps, steps)
         loss, _ = loss_fn(batch)
@@ -116,21 +156,12 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
                                        num_workers=cfg.demos.num_workers, noise_std=cfg.demos.noise_std,
                                        noise_prob=cfg.demos.noise_prob)
     distributed.barrier()
-    store = EpisodeStore(store_path, mode="r")
-    max_demo_seed = int(store.episode_meta("seed")[: cfg.demos.n_episodes].max())
-    assert max_demo_seed < cfg.eval.seed_start, "evaluation seeds overlap demo seeds"
-    ends = store.episode_ends[: cfg.demos.n_episodes]
-    data = {k: v[: ends[-1]] for k, v in store.load(["state", "action"]).items()}
+    data, ends, max_demo_seed = read_demos(cfg, store_path)
     print(f"[bc] demos: {len(ends)} episodes, {ends[-1]} steps from {store_path} ({summary})")
 
     # ---------------------------------------------------------------- 2. normaliser + policy
-    normalizer = Normalizer.fit(data, mode=dcfg.normalizer_mode, eps=dcfg.normalizer_eps)
-    student_cfg = OmegaConf.to_container(cfg.student, resolve=True)
-    student_cfg.update(obs_dim=int(data["state"].shape[-1]), action_dim=int(data["action"].shape[-1]))
-    policy = build_policy(student_cfg.pop("name"), student_cfg, normalizer).to(device)
-    pcfg = policy.config
-    dataset = SequenceDataset(data, ends, obs_keys=list(pcfg.obs_keys), obs_horizon=pcfg.obs_horizon,
-                              action_horizon=pcfg.action_horizon)
+    policy = build_student(cfg, data, device)
+    dataset = sequence_dataset(policy, data, ends)
     gen = torch.Generator().manual_seed(int(cfg.seed) + 1000 * rank)  # each rank draws its own batches
     logger = MetricLogger(run_dir) if rank == 0 else None
 

@@ -39,7 +39,8 @@ COMPASS                            residual PPO as RPD; specialist -> generalist
                                    or ``masked_mse``
 VLA-OPD                            token-level ``reverse_kl`` over the 256 action bins per dimension,
                                    or ``opd_advantage`` / ``sampled_kl_k3`` on sampled action tokens
-RL-100                             ``ppo_clip_loss`` per denoising step, ``denoising_loss`` (BC),
+RL-100                             ``ppo_clip_loss`` per denoising step, ``expectile_loss`` (IQL
+                                   critic), ``compute_gae`` (online), ``denoising_loss`` (BC),
                                    ``consistency_loss`` + ``consistency_output`` + ``ddim_step`` +
                                    ``ema_update`` (consistency head)
 Diffusion Policy                   ``denoising_loss`` (``prediction_type="epsilon"``), ``add_noise``
@@ -92,6 +93,7 @@ from .sampled import (
     token_log_probs,
 )
 from .topk import precomputed_topk_divergence, teacher_topk, topk_forward_kl, topk_jsd, topk_reverse_kl
+from .value import expectile_loss
 from .weighting import (
     HIGH_ENTROPY_HIGH_DIVERGENCE,
     HIGH_ENTROPY_LOW_DIVERGENCE,
@@ -134,6 +136,7 @@ __all__ = [
     "entropy_bonus",
     "exopd_advantage",
     "expand_mask",
+    "expectile_loss",
     "forward_kl",
     "gaussian_kl",
     "gaussian_nll",

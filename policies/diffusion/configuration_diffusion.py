@@ -6,7 +6,7 @@ import dataclasses
 
 from embodied_distill.policies.base import PolicyConfig
 
-SAMPLERS = ("ddpm", "ddim", "streaming", "rti", "consistency")
+SAMPLERS = ("ddpm", "ddim", "streaming", "rti", "consistency", "ddim_eta")
 
 
 @dataclasses.dataclass
@@ -40,7 +40,7 @@ class DiffusionPolicyConfig(PolicyConfig):
     Needed by sampler=streaming; the rest of the batch uses one noise level per sample."""
     # ---------------------------------------------------------------- sampling (switchable at eval time)
     sampler: str = "ddpm"
-    """ddpm | ddim | streaming | rti | consistency."""
+    """ddpm | ddim | streaming | rti | consistency | ddim_eta (stochastic DDIM with per-step log-probs)."""
     num_inference_steps: int = 100
     """Denoising steps of ddpm/ddim (ddpm uses all training steps when equal to num_train_timesteps)."""
     streaming_levels: int = 0
@@ -53,6 +53,10 @@ class DiffusionPolicyConfig(PolicyConfig):
     """Indices of binary gripper action dimensions (normalised units)."""
     consistency_steps: int = 1
     """Steps of the consistency head at inference (1 or 2)."""
+    eta: float = 1.0
+    """sampler=ddim_eta: DDIM's eta (0 deterministic, 1 DDPM-like variance)."""
+    min_std: float = 0.05
+    """sampler=ddim_eta: floor on each step's std (DDIM's last step has none): every step is stochastic."""
     seed: int | None = None
     """Seed of the sampling noise (None: global RNG); samplers reset to it every episode."""
 
@@ -81,6 +85,8 @@ class DiffusionPolicyConfig(PolicyConfig):
             raise ValueError("rti_gripper must be 'clip' or 'none'")
         if self.consistency_steps not in (1, 2):
             raise ValueError("consistency_steps must be 1 or 2")
+        if self.eta < 0 or self.min_std <= 0:
+            raise ValueError(f"eta must be >= 0 and min_std > 0, got eta={self.eta}, min_std={self.min_std}")
         if self.crop_size > self.image_size:
             raise ValueError("crop_size must be <= image_size")
 

@@ -13,6 +13,7 @@ counts its network calls (``calls``), so benchmarks can report calls per execute
   the executed actions (last action repeated) is noised to ``rti_steps[0]`` and denoised through the
   remaining entries (levels: 0 = clean, k > 0 = training timestep k - 1).
 - ``consistency``: the distilled head maps noise at the top timestep to actions in 1 (or 2) calls.
+- ``ddim_eta``: stochastic DDIM with per-step Gaussian log-probabilities (``stochastic.py``, RL-100).
 """
 
 from __future__ import annotations
@@ -200,4 +201,8 @@ def make_sampler(policy: DiffusionPolicy) -> Sampler:
         return StreamingSampler(policy)
     if name == "rti":
         return RTISampler(policy)
+    if name == "ddim_eta":
+        from embodied_distill.policies.diffusion.stochastic import StochasticDDIMSampler
+
+        return StochasticDDIMSampler(policy)
     return ConsistencySampler(policy)
