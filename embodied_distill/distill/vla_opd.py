@@ -115,12 +115,20 @@ class VLAOPDConfig:
     student_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     """VLAPolicyConfig fields that make the student differ from the teacher (e.g. ``d_model: 64``,
     ``n_layers: 2``); the student gets the teacher's normaliser and tokenizer settings."""
+    student_init_from_teacher: tuple[str, ...] = ()
+    """Submodules whose weights a fresh student copies from the teacher (e.g. ``[vision]``: the image
+    encoder, when its config is not overridden); every parameter under each prefix must match in shape."""
+    teacher_query_budget: int | None = None
+    """Stop after the iteration at which the cumulative teacher queries reach this (None: run all
+    ``iterations``); runs with equal budgets compare methods at equal teacher queries."""
     eval_every: int = 5
     """Iterations between evaluations of the greedy student (and at the start and the end)."""
     eval_episodes: int = 10
     """Episodes per task per periodic evaluation (the fixed evaluation initial states)."""
     eval_held_out: bool = True
-    """Also evaluate the suite's tasks that are not trained on (forgetting)."""
+    """Also evaluate the suite's tasks that are not trained on (forgetting), at the start and the end."""
+    eval_at_start: bool = True
+    """Evaluate the student before training (a benchmark that shares one initial student skips it)."""
     train_seed_start: int = 1_000_000
     """First reset seed of training episodes (+ 10000 * seed); must lie above the evaluation seeds."""
 
@@ -128,6 +136,7 @@ class VLAOPDConfig:
         if self.train_tasks is not None:
             self.train_tasks = tuple(self.train_tasks)
         self.student_overrides = dict(self.student_overrides or {})
+        self.student_init_from_teacher = tuple(self.student_init_from_teacher)
         if self.loss not in LOSSES:
             raise ValueError(f"distill.loss must be one of {LOSSES}, got {self.loss!r}")
         if not 0.0 <= self.beta <= 1.0 or not 0.0 <= self.student_fraction <= 1.0:
@@ -146,6 +155,8 @@ class VLAOPDConfig:
             raise ValueError("eval_every and eval_episodes must be >= 1")
         if self.max_episode_steps is not None and self.max_episode_steps < 1:
             raise ValueError("max_episode_steps must be >= 1 (or null)")
+        if self.teacher_query_budget is not None and self.teacher_query_budget < 1:
+            raise ValueError("teacher_query_budget must be >= 1 (or null)")
 
     @classmethod
     def from_cfg(cls, dcfg: DictConfig | dict) -> VLAOPDConfig:
@@ -181,8 +192,9 @@ def check_shared_action_space(student, teacher) -> None:
                          + "; ".join(problems))
 
 
-def build_student(teacher, overrides: dict[str, Any]):
-    """A fresh student VLA: the teacher's config with ``overrides``, the teacher's normaliser (a copy)."""
+def build_student(teacher, overrides: dict[str, Any], copy_from_teacher: Sequence[str] = ()):
+    """A fresh student VLA: the teacher's config with ``overrides``, the teacher's normaliser (a copy),
+    and the weights of the ``copy_from_teacher`` submodules (name prefixes, e.g. ``"vision"``)."""
     from embodied_distill.data.normalizer import Normalizer
     from embodied_distill.policies.base import build_policy
 
@@ -194,7 +206,16 @@ def build_student(teacher, overrides: dict[str, Any]):
     cfg.update(overrides)
     state = teacher.normalizer.state_dict()
     normalizer = Normalizer.from_state_dict({k: v.clone() for k, v in state.items()})
-    return build_policy(name, cfg, normalizer)
+    student = build_policy(name, cfg, normalizer)
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    for prefix in copy_from_teacher:
+        keys = [k for k in t_state if k.startswith(prefix + ".")]
+        bad = [k for k in keys if k not in s_state or s_state[k].shape != t_state[k].shape]
+        if not keys or bad:
+            raise ValueError(f"cannot copy {prefix!r} from the teacher: "
+                             + (f"mismatched parameters {bad[:5]}" if keys else "no such submodule"))
+        student.load_state_dict({k: t_state[k].clone() for k in keys}, strict=False)
+    return student
 
 
 # ---------------------------------------------------------------------------- the loss
@@ -567,11 +588,11 @@ def train_opd(runner, student, teacher, cfg: VLAOPDConfig, *, seed: int = 0,
         warm["wall_s"] = time.perf_counter() - t0
         print(f"[{tag}] warm start: {warm}")
 
-    def evaluate(point: dict[str, float]) -> None:
+    def evaluate(point: dict[str, float], ends: bool) -> None:
         ev = evaluate_tasks(student, runner, indices, cfg.eval_episodes, eval_seed_start, cfg)
         point["success_train"] = float(np.mean(list(ev.values())))
         point["per_task"] = dict(ev)
-        if held_out:
+        if held_out and ends:
             ho = evaluate_tasks(student, runner, held_out, cfg.eval_episodes, eval_seed_start, cfg)
             point["success_held_out"] = float(np.mean(list(ho.values())))
             point["per_task"].update(ho)
@@ -579,10 +600,14 @@ def train_opd(runner, student, teacher, cfg: VLAOPDConfig, *, seed: int = 0,
     t_start = time.perf_counter()
     if not curve:
         point = {"iteration": 0, **totals, "wall_s": 0.0}
-        evaluate(point)
+        if cfg.eval_at_start:
+            evaluate(point, ends=True)
+            print(f"[{tag}] start: success {point['success_train']:.2f} (train tasks)")
         curve.append(point)
-        print(f"[{tag}] start: success {point['success_train']:.2f} (train tasks)")
-    while it < cfg.iterations:
+    def budget_spent(totals: dict[str, int]) -> bool:
+        return cfg.teacher_query_budget is not None and totals["teacher_queries"] >= cfg.teacher_query_budget
+
+    while it < cfg.iterations and not budget_spent(totals):
         parts, st = collect(runner, student, teacher, cfg, indices, it * cfg.episodes_per_iter,
                             cfg.episodes_per_iter, seed_start, gen, cfg.student_fraction)
         for p in parts:
@@ -597,8 +622,9 @@ def train_opd(runner, student, teacher, cfg: VLAOPDConfig, *, seed: int = 0,
                  "buffer": len(buffer), "wall_s": (curve[-1]["wall_s"] if curve else 0.0)
                  + time.perf_counter() - t_start}
         t_start = time.perf_counter()
-        if it % cfg.eval_every == 0 or it == cfg.iterations:
-            evaluate(point)
+        last = it == cfg.iterations or budget_spent(totals)
+        if it % cfg.eval_every == 0 or last:
+            evaluate(point, ends=last)
             point["wall_s"] += time.perf_counter() - t_start
             t_start = time.perf_counter()
         curve.append(point)
@@ -634,7 +660,7 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
     if vcfg.student_path:
         student = load_policy(vcfg.student_path, device=device)[0]
     else:
-        student = build_student(teacher, vcfg.student_overrides).to(device)
+        student = build_student(teacher, vcfg.student_overrides, vcfg.student_init_from_teacher).to(device)
     check_shared_action_space(student, teacher)
     n_s = sum(p.numel() for p in student.parameters() if p.requires_grad)
     n_t = sum(p.numel() for p in teacher.parameters())

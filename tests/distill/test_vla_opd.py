@@ -298,3 +298,20 @@ def test_train_cli_smoke(runner, obs_dim, tmp_path):
     assert report["method"] == "vla_opd" and len(report["per_task"]) == 5
     assert report["curve"][-1]["teacher_queries"] == 4 and report["warm_start"]["sft_decisions"] == 4
     assert (tmp_path / "run" / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_student_copies_teacher_submodules_and_stops_at_the_query_budget(runner, obs_dim):
+    teacher = tiny_vla(obs_dim, seed=7, sharpness=3.0)
+    student = build_student(teacher, {"n_layers": 2}, copy_from_teacher=["text_proj"])
+    for k, v in teacher.state_dict().items():
+        if k.startswith("text_proj."):
+            assert torch.equal(student.state_dict()[k], v)
+    assert not torch.equal(student.state_dict()["head.1.weight"], teacher.state_dict()["head.1.weight"])
+    with pytest.raises(ValueError, match="cannot copy 'head'"):
+        build_student(teacher, {"n_bins": 32}, copy_from_teacher=["head"])
+    cfg = VLAOPDConfig(iterations=10, episodes_per_iter=1, updates_per_iter=1, batch_size=4,
+                       train_tasks=(TASK,), eval_episodes=1, eval_every=100, eval_held_out=False,
+                       eval_at_start=False, teacher_query_budget=10)
+    curve = train_opd(runner, student, teacher, cfg, seed=0)["curve"]
+    assert [p["teacher_queries"] for p in curve] == [0, 6, 12]  # stopped once 10 queries were spent
+    assert "success_train" not in curve[0] and "success_train" in curve[-1]
