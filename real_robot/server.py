@@ -76,11 +76,14 @@ def distribution_arrays(dist: Any) -> dict[str, np.ndarray]:
     """An ``action_distribution`` result as named arrays.
 
     Accepts a mapping of tensors/arrays (passed through), a ``torch.distributions`` object with
-    ``loc``/``scale`` (-> ``mean``, ``std``) or ``logits`` (-> ``logits``), or a ``(mean, std)`` tuple.
+    ``loc``/``scale`` (-> ``mean``, ``std``) or ``logits`` (-> ``logits``), a ``(mean, std)`` tuple, or a
+    bare tensor, which is taken as categorical logits (a VLA's (B, Ta, Da, n_bins) action-token logits).
     """
     def arr(x: Any) -> np.ndarray:
         return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
+    if hasattr(dist, "detach") and hasattr(dist, "shape"):
+        return {"logits": arr(dist)}
     if isinstance(dist, Mapping):
         return {str(k): arr(v) for k, v in dist.items()}
     if hasattr(dist, "loc") and hasattr(dist, "scale"):

@@ -31,7 +31,7 @@ from embodied_distill.policies.base import Policy
 from embodied_distill.policies.diffusion.encoders import RgbEncoder
 from embodied_distill.policies.vla.configuration_vla import VLAPolicyConfig
 from embodied_distill.policies.vla.language import shared_encoder
-from embodied_distill.policies.vla.tokenizer import ActionTokenizer
+from embodied_distill.policies.vla.tokenizer import ActionTokenizer, sample_tokens
 from torch import Tensor, nn
 
 from embodied_distill.data.normalizer import Normalizer
@@ -163,13 +163,7 @@ class VLAPolicy(Policy):
                       generator: torch.Generator | None = None) -> Tensor:
         """(B, Ta, Da, n_bins) logits -> (B, Ta, Da) actions in data units (argmax at temperature 0,
         otherwise a sample of ``softmax(logits / temperature)`` per dimension)."""
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if temperature == 0:
-            tokens = logits.argmax(dim=-1)
-        else:
-            probs = torch.softmax(logits.float() / temperature, dim=-1)
-            tokens = torch.multinomial(probs.flatten(0, -2), 1, generator=generator).view(logits.shape[:-1])
+        tokens = sample_tokens(logits, temperature, generator)
         return self.normalizer.unnormalize("action", self.tokenizer.decode(tokens))
 
     @torch.no_grad()

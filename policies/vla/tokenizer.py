@@ -54,3 +54,16 @@ class ActionTokenizer:
 
     def __repr__(self) -> str:
         return f"ActionTokenizer(n_bins={self.n_bins}, low={self.low}, high={self.high})"
+
+
+def sample_tokens(logits: Tensor, temperature: float = 0.0,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """(..., n_bins) logits -> (...) long tokens: the argmax at temperature 0, otherwise one draw from
+    ``softmax(logits / temperature)`` per position (``generator`` makes it reproducible)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    draws = torch.multinomial(probs.reshape(-1, logits.shape[-1]), 1, generator=generator)
+    return draws.view(logits.shape[:-1])
