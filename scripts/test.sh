@@ -11,5 +11,5 @@ echo "[test] pytest"
 if [ "$#" -eq 0 ]; then set -- -m "not slow"; fi
 # MuJoCo's EGL renderer cannot initialise in a process where SAPIEN (ManiSkill) has already loaded its
 # renderer ("gladLoadGL error"), so the LIBERO-style suite's tests run in a pytest process of their own.
-.venv/bin/python -m pytest tests/sim/test_libero_style.py "$@"
-exec .venv/bin/python -m pytest --ignore=tests/sim/test_libero_style.py "$@"
+.venv/bin/python -m pytest tests/sim/test_libero_style.py tests/sim/test_vla_libero.py "$@"
+exec .venv/bin/python -m pytest --ignore=tests/sim/test_libero_style.py --ignore=tests/sim/test_vla_libero.py "$@"

@@ -1,0 +1,254 @@
+"""VLA teacher benchmark: train the VLA on a LIBERO-style suite, evaluate it, swap its instructions, and
+compare the remote teacher (policy server) with the local one.
+
+    python benchmarks/vla_teacher.py [--quick] [--out DIR] [--suite libero_object] [--stage STAGE]
+
+Stages (each resumable and each a separate process under the heavy-job lock on the shared CPU machine;
+``--stage all`` runs them in order and skips the finished ones):
+
+1. ``train``: ``python -m embodied_distill.train sim=libero task=<suite> student=vla`` with RGB (agentview +
+   wrist, 64 x 64), the state and the instruction (no one-hot task id), into ``outputs/vla_teacher/<suite>``;
+   the teacher checkpoint is ``outputs/vla_teacher/<suite>/checkpoint`` (wall time of demos + training).
+2. ``eval``: success of the checkpoint on the fixed held-out evaluation initial states of every task
+   (seeds 100000 + i, which no demonstration used).
+3. ``swap``: the same scenes with every instruction replaced by the next task's instruction (task i is
+   told to do task i + 1); success is still task i's goal, so a policy that reads the instruction fails.
+4. ``remote``: the checkpoint served by ``python -m embodied_distill.real_robot.server`` in another process;
+   ``RemoteVLATeacher`` logits and actions vs the local policy's on demonstration observations.
+
+Writes ``vla_teacher.json`` (with ``teacher_checkpoint``, the path VLA-OPD reads) and ``vla_teacher.md``
+into ``benchmarks/results/`` or ``--out``. ``--quick``: 20 demos, 200 steps, 2 states per task, its own
+run directory (``outputs/vla_teacher_quick/<suite>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO_ROOT, write_results  # noqa: E402
+
+FULL = {"demos": 300, "steps": 4000, "batch_size": 64, "episodes": 20}
+QUICK = {"demos": 20, "steps": 200, "batch_size": 32, "episodes": 2}
+IMAGE_SIZE = 64
+
+
+def task_overrides(suite: str) -> list[str]:
+    """The LIBERO-style suite with images and instructions (and no one-hot task id in the state)."""
+    return [f"task={suite}", "task.obs_mode=rgb", "task.task_onehot=false",
+            f"sim.runner.image_size={IMAGE_SIZE}"]
+
+
+def state_split(suite: str) -> list[int]:
+    """Robot proprioception, then one token per object pose (7 numbers each)."""
+    from embodied_distill.sim.libero_style.env import ROBOT_STATE_DIM
+    from embodied_distill.sim.libero_style.spec import list_tasks, load_task
+
+    spec = load_task(suite, list_tasks(suite)[0])
+    return [ROBOT_STATE_DIM] + [7] * len(spec.objects)
+
+
+def make_runner(suite: str):
+    from embodied_distill.sim.libero_style import LiberoStyleRunner
+
+    return LiberoStyleRunner({"name": suite, "sim": "libero", "suite": suite, "task": None, "obs_mode": "rgb",
+                              "control_mode": "osc_pose", "expert": "scripted", "task_onehot": False},
+                             image_size=IMAGE_SIZE)
+
+
+# ------------------------------------------------------------------------------------------ 1. train
+def stage_train(suite: str, budget: dict, run_dir: Path) -> dict:
+    split = ",".join(str(s) for s in state_split(suite))
+    cmd = [sys.executable, "-m", "embodied_distill.train", "sim=libero", *task_overrides(suite),
+           "student=vla", f"student.state_split=[{split}]", f"demos.n_episodes={budget['demos']}",
+           f"distill.steps={budget['steps']}", f"distill.batch_size={budget['batch_size']}",
+           "distill.lr=5e-4", f"distill.warmup_steps={min(200, budget['steps'] // 10)}",
+           "distill.checkpoint_every=250", "distill.log_every=50", "distill.consistency_steps=0",
+           "eval.episodes=1", "eval.video_episodes=0", "device=cpu", "torch_threads=1",
+           f"hydra.run.dir={run_dir}"]
+    print("[vla_teacher] " + " ".join(cmd[1:]), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=REPO_ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wall = time.perf_counter() - t0
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [m for m in metrics if "bc/loss" in m]
+    return {"command": "python -m embodied_distill.train " + " ".join(cmd[3:]), "wall_s": wall,
+            "first_loss": losses[0]["bc/loss"], "last_loss": losses[-1]["bc/loss"],
+            "steps_per_s": float(np.mean([m["bc/steps_per_s"] for m in losses[-5:]]))}
+
+
+# ------------------------------------------------------------------------------------------ 2./3. eval
+class SwappedInstruction:
+    """Wraps a policy and replaces every observation's instruction with ``instruction``."""
+
+    def __init__(self, policy, instruction: str):
+        self.policy, self.instruction = policy, instruction
+
+    def reset(self) -> None:
+        self.policy.reset()
+
+    def select_action(self, obs):
+        return self.policy.select_action({**obs, "instruction": [self.instruction] * len(obs["instruction"])})
+
+
+def stage_eval(suite: str, checkpoint: Path, episodes: int, swap: bool, partial: dict) -> dict:
+    """Per-task success over ``episodes`` fixed evaluation states; ``partial`` holds finished tasks."""
+    from embodied_distill.policies.base import load_policy
+    from embodied_distill.sim.evaluation import evaluate_policy
+    from embodied_distill.sim.libero_style import EVAL_SEED_START
+
+    policy = load_policy(checkpoint)[0]
+    runner = make_runner(suite)
+    texts = runner.instructions()
+    for i, spec in enumerate(runner.specs):
+        if spec.full_name in partial:
+            continue
+        told = texts[(i + 1) % len(texts)] if swap else texts[i]
+        venv = runner.make_vec_env(num_envs=min(2, episodes), task_index=i)
+        t0 = time.perf_counter()
+        try:
+            rep = evaluate_policy(SwappedInstruction(policy, told) if swap else policy, venv, episodes,
+                                  EVAL_SEED_START, runner.steps_for(i), desc=f"eval {spec.full_name}")
+        finally:
+            venv.close()
+        partial[spec.full_name] = {"success_rate": rep["success_rate"], "episodes": rep["episodes"],
+                                   "success_stderr": rep["success_stderr"], "instruction": spec.instruction,
+                                   "told": told, "mean_episode_length": rep["mean_episode_length"],
+                                   "wall_s": time.perf_counter() - t0}
+        yield partial
+
+
+# ------------------------------------------------------------------------------------------ 4. remote
+def stage_remote(suite: str, checkpoint: Path, store: Path, n: int = 64) -> dict:
+    import torch
+    from embodied_distill.policies.base import load_policy
+    from embodied_distill.policies.vla.remote import RemoteVLATeacher
+    from embodied_distill.real_robot.rpc import ServerConfig
+    from embodied_distill.real_robot.server import spawn_policy_server
+
+    from embodied_distill.data.episode_store import EpisodeStore
+
+    policy = load_policy(checkpoint)[0]
+    demos = EpisodeStore(store, mode="r")
+    ends = demos.episode_ends
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(int(ends[-1]), size=n, replace=False))
+    episode = np.searchsorted(ends, rows, side="right")
+    texts = demos.episode_meta("instruction").astype(str)
+    obs = {"rgb": torch.from_numpy(np.asarray(demos.root["data"]["rgb"].get_orthogonal_selection(
+               (rows,)))[:, None]),
+           "state": torch.from_numpy(np.asarray(demos.root["data"]["state"].get_orthogonal_selection(
+               (rows,)))[:, None]),
+           "instruction": [str(texts[e]) for e in episode]}
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        local_logits = policy.action_distribution(obs)
+        local_ms = (time.perf_counter() - t0) * 1e3
+        local_chunk = policy.predict_action_chunk(obs)
+    with spawn_policy_server(checkpoint, ServerConfig(port=0, auth=False)) as server, \
+            RemoteVLATeacher(server.address, auth=False, timeout_s=60.0,
+                             normalizer=policy.normalizer) as remote:
+        remote.action_distribution({k: v[:1] for k, v in obs.items()})  # warm-up (loads the text encoder)
+        t0 = time.perf_counter()
+        remote_logits = remote.action_distribution(obs)
+        remote_ms = (time.perf_counter() - t0) * 1e3
+        remote_chunk = remote.predict_action_chunk(obs)
+        g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+        sampled_diff = (remote.predict_action_chunk(obs, 1.0, g1) - policy.predict_action_chunk(obs, 1.0, g2))
+    return {"observations": n, "logits_shape": list(local_logits.shape),
+            "max_abs_diff_logits": float((remote_logits - local_logits).abs().max()),
+            "max_abs_diff_actions": float((remote_chunk - local_chunk).abs().max()),
+            "max_abs_diff_sampled_actions_t1": float(sampled_diff.abs().max()),
+            "local_ms_per_batch": local_ms, "remote_ms_per_batch": remote_ms}
+
+
+# ------------------------------------------------------------------------------------------ report
+def table(res: dict) -> str:
+    lines = [f"# VLA teacher on the LIBERO-style `{res['suite']}` suite", ""]
+    tr = res.get("train")
+    if tr:
+        b = res["budget"]
+        lines += [f"Teacher checkpoint: `{res['teacher_checkpoint']}`. Training ({b['demos']} demos, "
+                  f"{b['steps']} steps, batch {b['batch_size']}): token cross-entropy "
+                  f"{tr['first_loss']:.3f} -> {tr['last_loss']:.3f}, wall time {tr['wall_s'] / 60:.1f} min "
+                  f"(demos + training, 2 shared CPU cores, 1 torch thread).", ""]
+    ev, sw = res.get("eval", {}), res.get("swap", {})
+    if ev:
+        lines += ["Success on held-out evaluation initial states (seeds 100000+, which no demo used):",
+                  "", "| task | success | success with the next task's instruction |", "|---|---|---|"]
+        for name, r in ev.items():
+            swapped = f"{sw[name]['success_rate']:.2f}" if name in sw else ""
+            lines.append(f"| {name} | {r['success_rate']:.2f} ({r['episodes']} ep) | {swapped} |")
+        mean = np.mean([r["success_rate"] for r in ev.values()])
+        smean = np.mean([r["success_rate"] for r in sw.values()]) if sw else float("nan")
+        lines += [f"| **mean** | **{mean:.3f}** | **{smean:.3f}** |", ""]
+        lines.append(f"Evaluation wall time {sum(r['wall_s'] for r in ev.values()) / 60:.1f} min; swapped "
+                     f"{sum(r['wall_s'] for r in sw.values()) / 60:.1f} min.")
+        lines.append("")
+    rm = res.get("remote")
+    if rm:
+        lines += ["Remote teacher (policy server in another process) vs the local policy on "
+                  f"{rm['observations']} demonstration observations: max |logits diff| "
+                  f"{rm['max_abs_diff_logits']:.3g}, max |action diff| {rm['max_abs_diff_actions']:.3g} "
+                  f"(argmax), {rm['max_abs_diff_sampled_actions_t1']:.3g} (sampled at T=1, same seed); "
+                  f"{rm['local_ms_per_batch']:.0f} ms local vs {rm['remote_ms_per_batch']:.0f} ms remote per "
+                  "batch.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--suite", default="libero_object")
+    ap.add_argument("--stage", default="all", choices=["all", "train", "eval", "swap", "remote"])
+    args = ap.parse_args()
+    budget = QUICK if args.quick else FULL
+    run_dir = REPO_ROOT / "outputs" / ("vla_teacher_quick" if args.quick else "vla_teacher") / args.suite
+    state_file = run_dir / "benchmark_state.json"
+    res = json.loads(state_file.read_text()) if state_file.exists() else {}
+    res.update(suite=args.suite, budget=budget, quick=args.quick, image_size=IMAGE_SIZE,
+               teacher_checkpoint=str((run_dir / "checkpoint").relative_to(REPO_ROOT)))
+
+    def save() -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps(res, indent=2))
+
+    import torch
+
+    torch.set_num_threads(1)
+    ckpt = run_dir / "checkpoint"
+    if args.stage in ("all", "train") and "train" not in res:
+        res["train"] = stage_train(args.suite, budget, run_dir)
+        save()
+    if args.stage in ("all", "eval"):
+        res.setdefault("eval", {})
+        for _ in stage_eval(args.suite, ckpt, budget["episodes"], False, res["eval"]):
+            save()
+    if args.stage in ("all", "swap"):
+        res.setdefault("swap", {})
+        for _ in stage_eval(args.suite, ckpt, budget["episodes"], True, res["swap"]):
+            save()
+    if args.stage in ("all", "remote") and "remote" not in res:
+        meta = json.loads((ckpt / "meta.json").read_text())
+        res["remote"] = stage_remote(args.suite, ckpt, Path(meta["demo_store"]))
+        save()
+    if res.get("eval"):
+        res["success_rate"] = float(np.mean([r["success_rate"] for r in res["eval"].values()]))
+    if res.get("swap"):
+        res["swapped_success_rate"] = float(np.mean([r["success_rate"] for r in res["swap"].values()]))
+    md = table(res)
+    print(md)
+    write_results("vla_teacher_quick" if args.quick else "vla_teacher", res, md, args.out)
+
+
+if __name__ == "__main__":
+    main()
