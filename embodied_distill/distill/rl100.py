@@ -68,6 +68,9 @@ class RL100Config:
 
     stage1_checkpoint: str | None = None
     """An imitation checkpoint of a diffusion policy to start from (None: train stage 1 on the demos)."""
+    offline_from: str | None = None
+    """Run dir of an earlier rl100 run from the same stage-1 policy: reuse its stage-1 rollouts, critic,
+    dynamics model and stage-1 evaluation (e.g. for the injected-bad-update check)."""
     num_inference_steps: int = 10
     """Denoising steps K of the stochastic DDIM sampler the RL acts through."""
     eta: float = 1.0
@@ -92,6 +95,9 @@ class RL100Config:
     """Polyak rate of the target Q networks."""
     rollout_episodes: int = 50
     """Stage-1 rollouts added to the offline dataset (successes and failures give the critic contrast)."""
+    rollout_weight: float = 0.5
+    """Share of critic batches, PPO states and OPE start states drawn from policy rollouts rather than
+    demos (the demos outnumber the rollouts, and the rollouts hold the failures and the policy's states)."""
     rollout_seed_start: int = 50_000
     """Reset seeds of the stage-1 rollouts (online ones follow); must stay below eval.seed_start."""
     offline_iterations: int = 3
@@ -142,8 +148,12 @@ class RL100Config:
         if min(self.offline_iterations, self.online_iterations, self.rollout_episodes, self.ope_horizon,
                self.online_critic_steps, self.online_episodes) < 0:
             raise ValueError("iteration and episode counts must be >= 0")
+        if self.offline_from and self.online_iterations:
+            raise ValueError("rl.offline_from reuses another run's data read-only: set online_iterations=0")
         if self.advantage_sign not in (1.0, -1.0):
             raise ValueError("advantage_sign must be 1 or -1")
+        if not 0 <= self.rollout_weight <= 1:
+            raise ValueError("rollout_weight must lie in [0, 1]")
         if self.clip <= 0 or self.policy_lr <= 0 or self.critic_lr <= 0 or self.bc_coef < 0:
             raise ValueError("clip and learning rates must be > 0, bc_coef >= 0")
 
@@ -288,13 +298,24 @@ class DynamicsModel(nn.Module):
         return obs_loss + rew_loss, {"obs_loss": float(obs_loss), "reward_loss": float(rew_loss)}
 
 
+def mixture_weights(n_demo: int, n_rollout: int, rollout_weight: float) -> Tensor:
+    """Sampling weights ``(n_demo + n_rollout,)``: demos share ``1 - rollout_weight``, rollouts the rest."""
+    if n_rollout == 0 or n_demo == 0:
+        return torch.ones(n_demo + n_rollout)
+    return torch.cat([torch.full((n_demo,), (1 - rollout_weight) / n_demo),
+                      torch.full((n_rollout,), rollout_weight / n_rollout)])
+
+
 def fit(model: nn.Module, data: Transitions, steps: int, rcfg: RL100Config, gen: torch.Generator,
-        after_step=None) -> dict[str, float]:
-    """Adam on ``model.loss(batch, gamma, expectile)`` over random minibatches of ``data``."""
+        after_step=None, weights: Tensor | None = None) -> dict[str, float]:
+    """Adam on ``model.loss(batch, gamma, expectile)`` over minibatches of ``data`` (drawn uniformly, or
+    with replacement by ``weights (N,)``)."""
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=rcfg.critic_lr)
     metrics: dict[str, float] = {}
     for _ in range(steps):
-        batch = data.batch(torch.randint(len(data), (rcfg.critic_batch,), generator=gen))
+        idx = torch.randint(len(data), (rcfg.critic_batch,), generator=gen) if weights is None else \
+            torch.multinomial(weights, rcfg.critic_batch, replacement=True, generator=gen)
+        batch = data.batch(idx)
         loss, metrics = model.loss(batch, rcfg.gamma, rcfg.expectile)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -494,7 +515,11 @@ def chunk_latency_ms(policy, obs_dim: int, reps: int = 30) -> float:
 
 
 class OutOfTime(Exception):
-    pass
+    """The time budget is used up (progress is saved; rerun to resume)."""
+
+
+class Finished(Exception):  # noqa: N818
+    """Every stage asked for is done."""
 
 
 # ---------------------------------------------------------------------------- the pipeline
@@ -543,13 +568,18 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
     policy.set_sampler("ddim_eta", num_inference_steps=rcfg.num_inference_steps, eta=rcfg.eta,
                        min_std=rcfg.min_std)
     step = 0
+    if rcfg.offline_from and "stage1" not in progress.data["evals"]:  # same checkpoint, same seeds
+        progress.data["evals"]["stage1"] = Progress(Path(rcfg.offline_from) / "rl100_state.json"
+                                                    ).data["evals"]["stage1"]
+        progress.save()
     try:
         if "stage1" not in progress.data["evals"]:
             evaluate(runner, policy, cfg, "stage1", progress, logger, step)
         check_time()
 
         # ------------------------------------------------------------ 2. offline dataset, critic, dynamics
-        rl_store = EpisodeStore(run_dir / "rl_data.zarr", mode="a")
+        source = Path(rcfg.offline_from) if rcfg.offline_from else run_dir
+        rl_store = EpisodeStore(source / "rl_data.zarr", mode="r" if rcfg.offline_from else "a")
         if rl_store.n_episodes < rcfg.rollout_episodes:  # stage-1 rollouts (resumes by seed)
             have = rl_store.n_episodes
             seeds = range(rcfg.rollout_seed_start + have, rcfg.rollout_seed_start + rcfg.rollout_episodes)
@@ -561,25 +591,26 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
                                                            cfg.eval.num_envs), stage=0)
                 check_time()
         demo_reward = sparse_success_reward(demo_ends, np.ones(len(demo_ends)))
-        offline = Transitions.cat([
-            build_transitions(demos["state"], demos["action"], demo_reward, demo_ends, policy),
-            store_transitions(rl_store, policy, 0, rcfg.rollout_episodes)])
+        demo_tr = build_transitions(demos["state"], demos["action"], demo_reward, demo_ends, policy)
+        rollout_tr = store_transitions(rl_store, policy, 0, rcfg.rollout_episodes)
+        offline = Transitions.cat([demo_tr, rollout_tr])
+        weights = mixture_weights(len(demo_tr), len(rollout_tr), rcfg.rollout_weight)
         obs_dim, act_dim = offline.obs.shape[1], offline.action.shape[1]
         critic = IQLCritic(obs_dim, act_dim, rcfg.hidden)
         dynamics = DynamicsModel(obs_dim, act_dim, rcfg.hidden, rcfg.dynamics_members)
-        if progress.done("critic"):
-            critic.load_state_dict(load_file(str(run_dir / "critic.safetensors")))
-            dynamics.load_state_dict(load_file(str(run_dir / "dynamics.safetensors")))
+        if progress.done("critic") or rcfg.offline_from:
+            critic.load_state_dict(load_file(str(source / "critic.safetensors")))
+            dynamics.load_state_dict(load_file(str(source / "dynamics.safetensors")))
         else:
             m = fit(critic, offline, rcfg.critic_steps, rcfg, gen,
-                    after_step=lambda: critic.update_targets(rcfg.target_tau))
-            m.update(fit(dynamics, offline, rcfg.critic_steps, rcfg, gen))
+                    after_step=lambda: critic.update_targets(rcfg.target_tau), weights=weights)
+            m.update(fit(dynamics, offline, rcfg.critic_steps, rcfg, gen, weights=weights))
             logger.log(step, {f"critic/{k}": v for k, v in m.items()})
             save_module(critic, run_dir / "critic.safetensors")
             save_module(dynamics, run_dir / "dynamics.safetensors")
             progress.mark("critic")
         ope_gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
-        ope_obs = offline.obs[torch.randperm(len(offline), generator=ope_gen)[: rcfg.ope_states]]
+        ope_obs = offline.obs[torch.multinomial(weights, rcfg.ope_states, generator=ope_gen)]
         gate = OPEGate(rcfg.gate_margin, rcfg.gate_enabled)
 
         def ope(p) -> float:
@@ -632,7 +663,7 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
             optimizer = torch.optim.Adam(candidate.unet.parameters(), lr=rcfg.policy_lr)
             stats = {}
             for _ in range(rcfg.ppo_rounds):
-                idx = torch.randint(len(offline), (rcfg.ppo_states,), generator=gen)
+                idx = torch.multinomial(weights, rcfg.ppo_states, generator=gen)
                 obs = offline.obs[idx]
                 cond = candidate.global_cond(obs.view(len(obs), candidate.config.obs_horizon, -1))
                 chain, old_log_prob = candidate.sampler.sample_chain(cond)
@@ -651,9 +682,11 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
             episodes = collect_rollouts(policy, runner, list(range(first, first + rcfg.online_episodes)),
                                         cfg.eval.num_envs)
             append_episodes(rl_store, episodes, stage=1 + it)  # the episode store grows with fresh data
-            data = Transitions.cat([offline, store_transitions(rl_store, policy, rcfg.rollout_episodes)])
-            m = fit(critic, data, rcfg.online_critic_steps, rcfg, gen,
-                    after_step=lambda: critic.update_targets(rcfg.target_tau))
+            fresh = store_transitions(rl_store, policy, rcfg.rollout_episodes)
+            rollouts = Transitions.cat([rollout_tr, fresh])
+            m = fit(critic, Transitions.cat([demo_tr, rollouts]), rcfg.online_critic_steps, rcfg, gen,
+                    after_step=lambda: critic.update_targets(rcfg.target_tau),
+                    weights=mixture_weights(len(demo_tr), len(rollouts), rcfg.rollout_weight))
             logger.log(step, {f"critic/online_{k}": v for k, v in m.items()})
             gate.best = ope(policy)  # the critic changed: re-score the behaviour policy
             cond = torch.stack([e["cond"] for e in episodes], 1)  # (D, E, Dg) time-major
@@ -676,6 +709,12 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
             check_time()
 
         # ------------------------------------------------------------ 4. consistency head (1-step)
+        if cfg.distill.consistency_steps <= 0:  # no head: the final multi-step policy is the checkpoint
+            if not progress.done("consistency"):
+                policy.save_pretrained(run_dir / "checkpoint", train_config=train_cfg,
+                                       meta={"stage": "final", "behaviour": progress.data["behaviour"]})
+                progress.mark("consistency")
+            raise Finished
         if not progress.done("consistency"):
             state_dir = run_dir / "train_state_consistency"
             if not (state_dir / "train_state.json").exists():
@@ -699,6 +738,8 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
         n = policy.config.n_action_steps
         progress.data["latency_ms_per_action"] = {k: v / n for k, v in latency.items()}
         progress.save()
+    except Finished:
+        pass
     except OutOfTime:
         print(f"[rl100] time budget of {rcfg.time_budget_s:.0f} s used; rerun the same command to resume")
         logger.close()
