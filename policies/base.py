@@ -32,6 +32,7 @@ POLICY_REGISTRY: dict[str, tuple[str, str, str]] = {
                   "DiffusionPolicyConfig"),
     "rl": ("embodied_distill.policies.rl.modeling_rl", "RLPolicy", "RLPolicyConfig"),
     "residual_rl": ("embodied_distill.policies.rl.modeling_rl", "ResidualPolicy", "ResidualPolicyConfig"),
+    "compass": ("embodied_distill.policies.compass.modeling_compass", "CompassPolicy", "CompassPolicyConfig"),
     "vla": ("embodied_distill.policies.vla.modeling_vla", "VLAPolicy", "VLAPolicyConfig"),
 }
 

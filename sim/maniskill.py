@@ -310,13 +310,25 @@ class _RecordSteps:
 
 
 def run_motionplanner_episode(env, task: str, seed: int, max_steps: int) -> dict[str, Any]:
-    """ManiSkill's own mplib motion-planning solution (needs control_mode pd_joint_pos, numpy < 2)."""
-    from mani_skill.examples.motionplanning.panda import solutions
+    """ManiSkill's own mplib motion-planning solution (needs control_mode pd_joint_pos, numpy < 2).
 
-    solvers = {"pickcube": solutions.solvePickCube, "stackcube": solutions.solveStackCube,
-               "pushcube": solutions.solvePushCube, "peginsertionside": solutions.solvePegInsertionSide}
+    Solutions exist for the panda (PickCube, StackCube, PushCube, PegInsertionSide) and, in mani-skill
+    3.0.1, for the so100 arm on PickCube; the robot is read from the env.
+    """
+    robot = str(getattr(env.unwrapped, "robot_uids", "panda"))
+    if robot == "so100":
+        from mani_skill.examples.motionplanning.so100 import solutions
+
+        solvers = {"pickcube": solutions.solvePickCube}
+    elif robot == "panda":
+        from mani_skill.examples.motionplanning.panda import solutions
+
+        solvers = {"pickcube": solutions.solvePickCube, "stackcube": solutions.solveStackCube,
+                   "pushcube": solutions.solvePushCube, "peginsertionside": solutions.solvePegInsertionSide}
+    else:
+        raise KeyError(f"no motion-planning solutions for robot {robot!r} (have panda, so100)")
     if task not in solvers:
-        raise KeyError(f"no motion-planning solution for task {task!r}; have {sorted(solvers)}")
+        raise KeyError(f"no motion-planning solution for task {task!r} with {robot}; have {sorted(solvers)}")
     rec = _RecordSteps(env)
     try:
         solvers[task](rec, seed=seed, debug=False, vis=False)

@@ -36,6 +36,13 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
                         f"Policy with weights (got {type(base).__name__})")
     base.eval()
     history = max(rcfg.net_obs_horizon, teacher_obs_horizon(base, cfg.get("teacher")))
+    return train_residual(cfg, run_dir, runner, device, rcfg, base, history)
+
+
+def train_residual(cfg: DictConfig, run_dir: Path, runner, device: torch.device, rcfg: RPDConfig, base,
+                   history: int, tag: str = "residual_rl") -> dict[str, Any]:
+    """Steps 2-5 on a frozen, local ``base`` Policy (COMPASS calls this once per embodiment): build the
+    env and the zero-initialised residual policy, train, checkpoint, evaluate; returns the report."""
     # ---------------------------------------------------------------- 2. env + residual policy
     make_env = env_factory(runner, history, base, rcfg.residual_scale,
                            rcfg.train_seed_start + 10_000 * int(cfg.seed))
@@ -54,9 +61,8 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
     policy = ResidualPolicy(pcfg, base.normalizer)
     policy.base.load_state_dict(base.state_dict())  # its own copy: evaluation never disturbs the env's base
     policy.to(device)
-    print(f"[residual_rl] base {base.name} ({sum(p.numel() for p in base.parameters())} params, frozen), "
+    print(f"[{tag}] base {base.name} ({sum(p.numel() for p in base.parameters())} params, frozen), "
           f"residual {sum(p.numel() for p in policy.actor_critic.parameters())} params, "
           f"scale {rcfg.residual_scale}")
     # ---------------------------------------------------------------- 3-5. train, checkpoint, evaluate
-    return train_rl(cfg, run_dir, runner, device, rcfg, policy, make_env, None, history, history,
-                    tag="residual_rl")
+    return train_rl(cfg, run_dir, runner, device, rcfg, policy, make_env, None, history, history, tag=tag)

@@ -1,0 +1,478 @@
+"""COMPASS: cross-embodiment merging of residual-RL specialists into one generalist.
+
+Paper: "COMPASS: Cross-embOdiment Mobility Policy via ResiduAl RL and Skill Synthesis"
+(https://arxiv.org/abs/2502.16372, code NVlabs/COMPASS); see ``shared/reference/methods.md``.
+
+    python -m embodied_distill.train task=pickcube distill=compass torch_threads=1
+
+Every embodiment (``distill.embodiments``: robot, control mode, expert, episode limit; a new robot joins
+by adding an entry) shares one embodiment-agnostic policy interface
+(:class:`embodied_distill.policies.compass.CompassPolicy`: per-robot normalised states and actions,
+zero-padded and masked to common widths, plus a one-hot or learned embodiment code). Stages, each
+resumable and selectable with ``distill.stages`` (so a long run splits into short pieces):
+
+1. ``base``: demos per embodiment (scripted expert or ManiSkill's motion planner, cached in
+   ``demos.dir``), then one IL base trained by behaviour cloning on all of them (masked MSE);
+2. ``specialists``: per embodiment, residual PPO on top of the frozen base
+   (:func:`embodied_distill.distill.residual_rl.train_residual`, zero-initialised residual);
+3. ``generalist``: the specialists roll out on their robots and their Gaussians are recorded; optional
+   DAgger rounds let the generalist act while the specialists label; one generalist (same interface,
+   global learnable std, init 0.1) is distilled with ``KL(specialist || generalist)`` from the loss core
+   (``gaussian_kl``, or ``masked_mse`` on the means), lr 1e-3, ``epochs`` passes;
+4. ``evaluate``: success of the base, each specialist and the generalist on every embodiment, on the
+   same unseen seeds -> ``report.json``.
+
+Run-dir layout: ``base/``, ``specialists/<name>/``, ``generalist/`` (each with ``checkpoint/`` and a
+resumable ``train_state/``), ``generalist/data_round<k>.npz``, ``report.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from embodied_distill.data.episode_store import EpisodeStore
+from embodied_distill.data.normalizer import Normalizer
+from embodied_distill.distill.bc import train_phase
+from embodied_distill.distill.rpd import RPDConfig
+from embodied_distill.logging import MetricLogger
+from embodied_distill.losses import gaussian_kl, masked_mse
+from embodied_distill.policies.base import load_policy
+from embodied_distill.policies.compass.modeling_compass import pad_features
+
+STAGES = ("base", "specialists", "generalist", "evaluate")
+EXPERTS = ("scripted", "motionplanner")
+
+
+@dataclasses.dataclass
+class Embodiment:
+    """One robot setting of the task (an entry of ``distill.embodiments``)."""
+
+    name: str
+    """Key of this embodiment (code slot order = list order; names the run sub-directories)."""
+    robot_uids: str
+    """ManiSkill robot (``panda``, ``so100`` ship offline; see the README for ``fetch``)."""
+    control_mode: str = "pd_ee_delta_pose"
+    """ManiSkill controller (the expert must produce actions for it)."""
+    expert: str = "scripted"
+    """Demo source: ``scripted`` (pd_ee_delta_pose experts in sim/maniskill.py) or ``motionplanner``."""
+    max_episode_steps: int = 50
+    """Episode limit on this robot (training and evaluation)."""
+
+    def __post_init__(self):
+        if self.expert not in EXPERTS:
+            raise ValueError(f"embodiment {self.name!r}: expert must be one of {EXPERTS}, "
+                             f"got {self.expert!r}")
+        if self.max_episode_steps < 1:
+            raise ValueError(f"embodiment {self.name!r}: max_episode_steps must be >= 1")
+
+
+@dataclasses.dataclass
+class CompassConfig:
+    """The ``distill`` config group of ``compass`` (``configs/distill/compass.yaml``)."""
+
+    name: str = "compass"
+    """Method name."""
+    embodiments: tuple[Embodiment, ...] = ()
+    """The robots to merge (dicts in YAML, see :class:`Embodiment`)."""
+    stages: tuple[str, ...] = STAGES
+    """Stages to run now (subset of base, specialists, generalist, evaluate); finished ones are reused."""
+    only: tuple[str, ...] = ()
+    """Restrict the ``specialists`` stage to these embodiments (empty: all), to split it into pieces."""
+    policy: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """CompassPolicyConfig fields (hidden_dims, embedding, max_obs_dim, max_action_dim, ...)."""
+    demos_per_embodiment: int = 100
+    """Successful demos per embodiment for the IL base (seeds demos.seed_start, ...)."""
+    base_steps: int = 5000
+    """Gradient steps of the IL base (behaviour cloning, masked MSE on normalised padded actions)."""
+    specialist: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Residual PPO settings (RPDConfig fields; the distillation term is off)."""
+    data_episodes: int = 50
+    """Specialist rollouts per embodiment recorded for distillation."""
+    data_action: str = "sample"
+    """Action the specialists execute while recording: ``sample`` (their Gaussian) or ``mean``."""
+    dagger_rounds: int = 0
+    """DAgger rounds after the first fit: the generalist acts, the specialists label, refit on all data."""
+    dagger_episodes: int = 20
+    """Generalist rollouts per embodiment per DAgger round."""
+    distill_loss: str = "kl"
+    """``kl``: KL(specialist || generalist) of the Gaussians (COMPASS); ``mse``: MSE of the means."""
+    teacher_min_std: float = 0.01
+    """Floor on the specialists' std (normalised units) in the KL."""
+    epochs: int = 100
+    """Passes over the distillation data per fit (COMPASS: 100)."""
+    init_generalist_from_base: bool = False
+    """Start the generalist from the IL base's weights (COMPASS trains it from scratch)."""
+    optim: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """bc.train_phase settings for both fits: lr, weight_decay, warmup_steps, batch_size, grad_clip,
+    log_every, checkpoint_every."""
+
+    def __post_init__(self):
+        self.embodiments = tuple(e if isinstance(e, Embodiment) else Embodiment(**e)
+                                 for e in self.embodiments)
+        self.stages, self.only = tuple(self.stages), tuple(self.only)
+        names = [e.name for e in self.embodiments]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"distill.embodiments needs unique names, got {names}")
+        bad = sorted(set(self.stages) - set(STAGES))
+        if bad:
+            raise ValueError(f"unknown stage(s) {bad}; choose from {STAGES}")
+        if sorted(set(self.only) - set(names)):
+            raise ValueError(f"distill.only {list(self.only)} names unknown embodiments; have {names}")
+        if self.data_action not in ("sample", "mean"):
+            raise ValueError(f"data_action must be sample or mean, got {self.data_action!r}")
+        if self.distill_loss not in ("kl", "mse"):
+            raise ValueError(f"distill_loss must be kl or mse, got {self.distill_loss!r}")
+        if min(self.demos_per_embodiment, self.base_steps, self.data_episodes, self.epochs) < 1:
+            raise ValueError("demos_per_embodiment, base_steps, data_episodes and epochs must be >= 1")
+        if self.dagger_rounds < 0 or self.dagger_episodes < 1 or self.teacher_min_std <= 0:
+            raise ValueError("dagger_rounds >= 0, dagger_episodes >= 1 and teacher_min_std > 0 required")
+        RPDConfig.from_cfg({**self.specialist, "name": "residual_rl", "distill_coef": 0.0})  # validate now
+
+    @classmethod
+    def from_cfg(cls, dcfg: DictConfig | dict) -> CompassConfig:
+        values = OmegaConf.to_container(dcfg, resolve=True) if isinstance(dcfg, DictConfig) else dict(dcfg)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"distill config has unknown field(s) {unknown}; valid: {sorted(names)}")
+        return cls(**values)
+
+
+# ---------------------------------------------------------------------------- helpers
+def make_runner(cfg: DictConfig, emb: Embodiment):
+    """The task's ManiSkill runner for one embodiment (robot, controller, expert, episode limit)."""
+    from embodied_distill.sim.maniskill import ManiSkillRunner
+
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    task.update(robot_uids=emb.robot_uids, control_mode=emb.control_mode, expert=emb.expert,
+                max_episode_steps=emb.max_episode_steps)
+    return ManiSkillRunner(task, sim_backend=cfg.sim.runner.get("sim_backend", "auto"))
+
+
+def demo_path(cfg: DictConfig, emb: Embodiment) -> Path:
+    """Demo store of one embodiment; the panda's is the one ``distill=bc`` uses (shared cache)."""
+    robot = "" if emb.robot_uids == "panda" else f"{emb.robot_uids}_"
+    std, prob = (cfg.demos.noise_std, cfg.demos.noise_prob) if emb.expert == "scripted" else (0.0, 0.0)
+    name = f"{cfg.task.name}_{robot}{emb.control_mode}_{emb.expert}_noise{std}x{prob}.zarr"
+    return Path(cfg.demos.dir) / name
+
+
+def phase_cfg(cfg: DictConfig, ccfg: CompassConfig) -> DictConfig:
+    """The config view bc.train_phase reads (``distill.*`` optimiser settings, ``resume``, ``seed``)."""
+    return OmegaConf.create({"distill": dict(ccfg.optim), "resume": bool(cfg.resume), "seed": int(cfg.seed)})
+
+
+class BalancedData:
+    """Flat rows from several embodiments, indexed so every embodiment fills an equal share:
+    item ``i`` is row ``(i % n_max) % n_e`` of embodiment ``e = i // n_max``. ``get_batch(idx)`` returns
+    the stored tensors' rows (``embodiment`` (B,), ``state`` (B, Do), ...)."""
+
+    def __init__(self, parts: list[dict[str, Tensor]]):
+        self.parts = parts
+        self.n_max = max(len(p["state"]) for p in parts)
+
+    def __len__(self) -> int:
+        return self.n_max * len(self.parts)
+
+    def get_batch(self, idx: Tensor) -> dict[str, Tensor]:
+        rows: dict[str, list[Tensor]] = {}
+        for e, part in enumerate(self.parts):
+            sel = idx[idx // self.n_max == e] % self.n_max % len(part["state"])
+            for k, v in part.items():
+                rows.setdefault(k, []).append(v[sel])
+        return {k: torch.cat(v) for k, v in rows.items()}
+
+
+# ---------------------------------------------------------------------------- the distillation loss
+def generalist_loss(kind: str, mean: Tensor, log_std: Tensor, teacher_mean: Tensor, teacher_log_std: Tensor,
+                    mask: Tensor) -> Tensor:
+    """Specialist -> generalist loss on padded normalised actions, all (B, Da) (``log_std`` may be (Da,)).
+
+    ``kl``: ``KL(N(teacher) || N(student))`` (COMPASS's direction) from :func:`gaussian_kl`; on masked
+    (absent) dims the student's statistics are replaced by the teacher's, so they add exactly 0.
+    ``mse``: masked MSE of the means. The teacher is detached here.
+    """
+    t_mean, t_log_std = teacher_mean.detach(), teacher_log_std.detach()
+    if kind == "mse":
+        return masked_mse(mean, t_mean, mask)
+    if kind != "kl":
+        raise ValueError(f"unknown distillation loss {kind!r}; choose kl or mse")
+    s_mean = torch.where(mask, mean, t_mean)
+    s_log_std = torch.where(mask, log_std.expand_as(mean), t_log_std)
+    return gaussian_kl(t_mean, t_log_std, s_mean, s_log_std)
+
+
+@torch.no_grad()
+def specialist_gaussian(specialist, states: Tensor) -> tuple[Tensor, Tensor]:
+    """A residual specialist's action Gaussian at states (B, Ds) (no history: the base reads one state)
+    -> (mean (B, Da) clipped to the action bounds, std (B, Da)) in env units."""
+    states = states.to(specialist.device, torch.float32)
+    base_action = specialist.base.predict_action_chunk({"state": states[:, None]})[:, 0]
+    flat = torch.cat([states.repeat(1, specialist.config.obs_horizon), base_action], dim=-1)
+    mean, log_std, _ = specialist.actor_critic(flat)
+    scale = specialist.config.residual_scale
+    return specialist.combine(base_action, flat), (scale * log_std.exp()).expand_as(mean)
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Write an ``.npz`` atomically (temp file + rename)."""
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- stage 1: IL base
+def load_demos(cfg: DictConfig, ccfg: CompassConfig) -> dict[str, dict[str, np.ndarray]]:
+    """Collect (or reuse) ``demos_per_embodiment`` demos per embodiment -> {name: {"state", "action"}}."""
+    out = {}
+    for emb in ccfg.embodiments:
+        path = demo_path(cfg, emb)
+        summary = make_runner(cfg, emb).collect_demos(
+            path, ccfg.demos_per_embodiment, seed_start=int(cfg.demos.seed_start),
+            num_workers=int(cfg.demos.num_workers), noise_std=cfg.demos.noise_std if emb.expert == "scripted"
+            else 0.0, noise_prob=cfg.demos.noise_prob if emb.expert == "scripted" else 0.0)
+        store = EpisodeStore(path, mode="r")
+        ends = store.episode_ends[: ccfg.demos_per_embodiment]
+        if int(store.episode_meta("seed")[: len(ends)].max()) >= int(cfg.eval.seed_start):
+            raise ValueError(f"{emb.name} demo seeds reach eval.seed_start")
+        out[emb.name] = {k: v[: ends[-1]] for k, v in store.load(["state", "action"]).items()}
+        print(f"[compass] {emb.name}: {len(ends)} demos, {ends[-1]} steps from {path} ({summary})")
+    return out
+
+
+def build_policy_from(ccfg: CompassConfig, dims: dict[str, tuple[int, int]], normalizer: Normalizer):
+    from embodied_distill.policies.compass.modeling_compass import CompassPolicy, CompassPolicyConfig
+
+    embodiments = [{"name": e.name, "obs_dim": dims[e.name][0], "action_dim": dims[e.name][1]}
+                   for e in ccfg.embodiments]
+    return CompassPolicy(CompassPolicyConfig(embodiments=embodiments, **ccfg.policy), normalizer)
+
+
+def train_base(cfg: DictConfig, ccfg: CompassConfig, out: Path, device: torch.device):
+    ckpt = out / "checkpoint"
+    if (ckpt / "meta.json").exists():
+        return load_policy(ckpt)[0]
+    demos = load_demos(cfg, ccfg)
+    stats = {f"{k}/{name}": v[k] for name, v in demos.items() for k in ("state", "action")}
+    normalizer = Normalizer.fit(stats, mode="limits", eps=0.01)
+    dims = {n: (v["state"].shape[-1], v["action"].shape[-1]) for n, v in demos.items()}
+    torch.manual_seed(int(cfg.seed))
+    policy = build_policy_from(ccfg, dims, normalizer).to(device)
+    parts = []
+    for i, (name, d) in enumerate(demos.items()):
+        parts.append({"embodiment": torch.full((len(d["state"]),), i),
+                      "state": policy.normalize_state(name, torch.as_tensor(d["state"])).cpu(),
+                      "action": policy.normalize_action(name, torch.as_tensor(d["action"])).cpu()})
+    gen, logger = torch.Generator().manual_seed(int(cfg.seed)), MetricLogger(out)
+    step = train_phase("compass_base", policy, policy.compute_loss, ccfg.base_steps, phase_cfg(cfg, ccfg),
+                       BalancedData(parts), gen, out / "train_state", logger, device)
+    logger.close()
+    return load_policy(policy.save_pretrained(ckpt, OmegaConf.to_container(cfg, resolve=True),
+                                              meta={"step": step, "stage": "base", "dims": dims}))[0]
+
+
+# ---------------------------------------------------------------------------- stage 2: specialists
+def train_specialists(cfg: DictConfig, ccfg: CompassConfig, base, out: Path, device: torch.device) -> None:
+    from embodied_distill.distill.residual_rl import train_residual
+
+    rcfg = RPDConfig.from_cfg({**ccfg.specialist, "name": "residual_rl", "distill_coef": 0.0})
+    for emb in ccfg.embodiments:
+        run = out / emb.name
+        if (ccfg.only and emb.name not in ccfg.only) or (run / "report.json").exists():
+            continue
+        scfg = OmegaConf.merge(cfg, {"eval": {"video_episodes": 0}})
+        train_residual(scfg, run, make_runner(cfg, emb), device, rcfg, base.as_embodiment(emb.name).eval(),
+                       history=rcfg.net_obs_horizon, tag=f"compass_{emb.name}")
+
+
+def load_specialist(out: Path, name: str):
+    ckpt = out / name / "checkpoint"
+    if not (ckpt / "meta.json").exists():
+        raise FileNotFoundError(f"no specialist for {name} at {ckpt}: run the specialists stage first")
+    return load_policy(ckpt)[0]
+
+
+# ---------------------------------------------------------------------------- stage 3: generalist
+@torch.no_grad()
+def record(runner, actor, specialist, episodes: int, seed_start: int, num_envs: int, sample: bool,
+           rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Roll out ``actor`` (None: the specialist itself) on ``runner``'s robot and record the states with
+    the specialist's Gaussian there -> {"state" (N, Ds), "mean" (N, Da), "std" (N, Da)} in env units."""
+    venv = runner.make_vec_env(num_envs=min(num_envs, episodes))
+    rows: dict[str, list[np.ndarray]] = {"state": [], "mean": [], "std": []}
+    try:
+        for start in range(0, episodes, venv.num_envs):
+            obs = venv.reset([seed_start + start + i for i in range(venv.num_envs)])
+            if actor is not None:
+                actor.reset()
+            keep = min(venv.num_envs, episodes - start)
+            for _ in range(runner.max_episode_steps):
+                mean, std = specialist_gaussian(specialist, torch.from_numpy(obs))
+                mean, std = mean.cpu().numpy(), std.cpu().numpy()
+                for k, v in (("state", obs), ("mean", mean), ("std", std)):
+                    rows[k].append(v[:keep])
+                if actor is not None:
+                    action = actor.select_action({"state": torch.from_numpy(obs)}).cpu().numpy()
+                elif sample:
+                    action = mean + std * rng.standard_normal(mean.shape)
+                else:
+                    action = mean
+                obs, _, _ = venv.step(np.clip(action, venv.action_low, venv.action_high))
+    finally:
+        venv.close()
+    return {k: np.concatenate(v).astype(np.float32) for k, v in rows.items()}
+
+
+def distill_data(policy, ccfg: CompassConfig, data: dict[str, dict[str, np.ndarray]]) -> BalancedData:
+    """Recorded env-unit rows -> normalised padded rows (teacher log-std in normalised units, floored)."""
+    parts = []
+    for name, d in data.items():
+        idx = policy.config.index(name)
+        scale = policy.normalizer.params[f"action/{name}"]["scale"]
+        log_std = (torch.as_tensor(d["std"]) * scale).clamp_min(ccfg.teacher_min_std).log()
+        parts.append({"embodiment": torch.full((len(d["state"]),), idx),
+                      "state": policy.normalize_state(name, torch.as_tensor(d["state"])).cpu(),
+                      "teacher_mean": policy.normalize_action(name, torch.as_tensor(d["mean"])).cpu(),
+                      "teacher_log_std": pad_features(log_std, policy.config.max_action_dim).cpu()})
+    return BalancedData(parts)
+
+
+def fit_generalist(cfg: DictConfig, ccfg: CompassConfig, base, start, data: dict[str, dict[str, np.ndarray]],
+                   out: Path, device: torch.device):
+    """One distillation fit of ``epochs`` passes over ``data``, from ``start``'s weights (None: fresh, or
+    the base with ``init_generalist_from_base``); resumable; returns the fitted policy (checkpoint in out)."""
+    if (out / "checkpoint" / "meta.json").exists():
+        return load_policy(out / "checkpoint")[0]
+    torch.manual_seed(int(cfg.seed) + 1)
+    policy = type(base)(base.config, base.normalizer)  # same interface and normaliser as the base
+    if start is not None or ccfg.init_generalist_from_base:
+        policy.load_state_dict((start if start is not None else base).state_dict())
+    policy.to(device)
+    dataset = distill_data(policy, ccfg, data)
+    pcfg = phase_cfg(cfg, ccfg)
+    steps = max(1, int(np.ceil(ccfg.epochs * len(dataset) / int(pcfg.distill.batch_size))))
+
+    def loss_fn(batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        emb = batch["embodiment"]
+        mean, log_std = policy.distribution(batch["state"], emb)
+        loss = generalist_loss(ccfg.distill_loss, mean, log_std, batch["teacher_mean"],
+                               batch["teacher_log_std"], policy.action_mask(emb))
+        return loss, {"loss": float(loss.detach())}
+
+    gen, logger = torch.Generator().manual_seed(int(cfg.seed) + 2), MetricLogger(out)
+    step = train_phase(f"compass_{out.name}", policy, loss_fn, steps, pcfg, dataset, gen, out / "train_state",
+                       logger, device)
+    logger.close()
+    policy.save_pretrained(out / "checkpoint", OmegaConf.to_container(cfg, resolve=True),
+                           meta={"step": step, "stage": "generalist", "rows": {n: len(d["state"])
+                                                                               for n, d in data.items()}})
+    return policy.eval()
+
+
+def train_generalist(cfg: DictConfig, ccfg: CompassConfig, base, spec_dir: Path, out: Path,
+                     device: torch.device):
+    """Record the specialists (round 0) and the generalist under the specialists' labels (DAgger rounds
+    1..dagger_rounds), refitting on everything recorded so far after each round."""
+    final = out / "checkpoint"
+    if (final / "meta.json").exists():
+        return load_policy(final)[0]
+    specialists = {e.name: load_specialist(spec_dir, e.name).eval() for e in ccfg.embodiments}
+    data: dict[str, dict[str, np.ndarray]] = {}
+    policy = None
+    for k in range(ccfg.dagger_rounds + 1):
+        path = out / f"data_round{k}.npz"
+        if not path.exists():
+            rng = np.random.default_rng(int(cfg.seed) + 100 + k)
+            rows = {}
+            for emb in ccfg.embodiments:
+                actor = None if k == 0 else policy.as_embodiment(emb.name).eval()
+                rec = record(make_runner(cfg, emb), actor, specialists[emb.name],
+                             ccfg.data_episodes if k == 0 else ccfg.dagger_episodes,
+                             2_000_000 + 100_000 * k + 10_000 * int(cfg.seed), int(cfg.eval.num_envs),
+                             ccfg.data_action == "sample", rng)
+                rows.update({f"{emb.name}/{key}": v for key, v in rec.items()})
+            save_npz(path, **rows)
+        with np.load(path) as z:
+            for key in z.files:
+                name, field = key.split("/")
+                data.setdefault(name, {})[field] = np.concatenate(
+                    [data[name][field], z[key]]) if field in data.get(name, {}) else z[key]
+        sizes = ", ".join(f"{n} {len(d['state'])}" for n, d in data.items())
+        print(f"[compass] round {k}: distilling on {sizes} rows")
+        policy = fit_generalist(cfg, ccfg, base, policy, data, out / f"round{k}", device)
+    policy.save_pretrained(final, OmegaConf.to_container(cfg, resolve=True),
+                           meta={"stage": "generalist", "dagger_rounds": ccfg.dagger_rounds})
+    return policy
+
+
+# ---------------------------------------------------------------------------- stage 4: evaluation
+def evaluate_all(cfg: DictConfig, ccfg: CompassConfig, run_dir: Path) -> dict[str, Any]:
+    """Success of base / specialist / generalist on every embodiment (same unseen seeds); each
+    evaluation is cached in ``eval/<policy>_<embodiment>.json``."""
+    from embodied_distill.sim.evaluation import summarize
+
+    base = load_policy(run_dir / "base" / "checkpoint")[0]
+    generalist = load_policy(run_dir / "generalist" / "checkpoint")[0]
+    episodes, seed_start = int(cfg.eval.episodes), int(cfg.eval.seed_start)
+    table: dict[str, dict[str, Any]] = {}
+    generalist_episodes = []
+    for emb in ccfg.embodiments:
+        runner = make_runner(cfg, emb)
+        table[emb.name] = {}
+        for who in ("base", "specialist", "generalist"):
+            path = run_dir / "eval" / f"{who}_{emb.name}.json"
+            if not path.exists():
+                policy = (base.as_embodiment(emb.name) if who == "base" else
+                          generalist.as_embodiment(emb.name) if who == "generalist" else
+                          load_specialist(run_dir / "specialists", emb.name))
+                rep = runner.evaluate(policy.eval(), episodes, seed_start, num_envs=int(cfg.eval.num_envs))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(rep))
+            rep = json.loads(path.read_text())
+            table[emb.name][who] = {k: rep[k] for k in ("success_rate", "success_once_rate", "success_stderr",
+                                                        "episodes", "mean_return")}
+            if who == "generalist":
+                generalist_episodes += rep["per_episode"]
+        print(f"[compass] {emb.name}: " + ", ".join(f"{w} {r['success_rate']:.2f}"
+                                                    for w, r in table[emb.name].items()))
+    mean = {w: float(np.mean([table[e][w]["success_rate"] for e in table])) for w in
+            ("base", "specialist", "generalist")}
+    targets = {"generalist_ge_90pct_of_specialist": {e: table[e]["generalist"]["success_rate"]
+                                                     >= 0.9 * table[e]["specialist"]["success_rate"]
+                                                     for e in table},
+               "generalist_ge_2x_base_mean": mean["generalist"] >= 2 * mean["base"]}
+    report = summarize(generalist_episodes, [])
+    report.update(task=cfg.task.name, env_id=cfg.task.env_id, control_mode="per embodiment", num_envs=int(
+        cfg.eval.num_envs), max_episode_steps=max(e.max_episode_steps for e in ccfg.embodiments),
+        per_embodiment=table, mean_success=mean, targets=targets, method="compass",
+        embodiments=[dataclasses.asdict(e) for e in ccfg.embodiments])
+    return report
+
+
+# ---------------------------------------------------------------------------- the method
+def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[str, Any] | None:
+    ccfg = CompassConfig.from_cfg(cfg.distill)
+    if not hasattr(runner, "env_cfg"):
+        raise ValueError("compass needs a ManiSkill task (sim=maniskill)")
+    print(f"[compass] embodiments {[e.name for e in ccfg.embodiments]}, stages {list(ccfg.stages)}")
+    run_dir = Path(run_dir)
+    if "base" in ccfg.stages or any(s in ccfg.stages for s in ("specialists", "generalist")):
+        base = train_base(cfg, ccfg, run_dir / "base", device)
+    if "specialists" in ccfg.stages:
+        train_specialists(cfg, ccfg, base, run_dir / "specialists", device)
+    if "generalist" in ccfg.stages:
+        train_generalist(cfg, ccfg, base, run_dir / "specialists", run_dir / "generalist", device)
+    if "evaluate" not in ccfg.stages:
+        return None
+    report = evaluate_all(cfg, ccfg, run_dir)
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return report

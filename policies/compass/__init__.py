@@ -1,0 +1,1 @@
+"""Embodiment-agnostic policy for COMPASS cross-embodiment merging (IL base and generalist)."""

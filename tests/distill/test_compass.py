@@ -1,0 +1,361 @@
+"""COMPASS: the embodiment interface pads and masks, the generalist runs for every embodiment, and
+distillation on fixed data lowers the KL to each (real residual) specialist; plus real-sim pieces."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from embodied_distill.policies.base import build_policy, load_policy
+from embodied_distill.policies.compass.modeling_compass import (
+    CompassPolicy,
+    CompassPolicyConfig,
+    feature_mask,
+    pad_features,
+)
+from embodied_distill.policies.rl.configuration_rl import ResidualPolicyConfig
+from embodied_distill.policies.rl.modeling_rl import ResidualPolicy
+from omegaconf import OmegaConf
+
+from embodied_distill.data.normalizer import Normalizer
+from embodied_distill.distill.compass import (
+    BalancedData,
+    CompassConfig,
+    Embodiment,
+    fit_generalist,
+    generalist_loss,
+    specialist_gaussian,
+)
+
+# real sizes: panda pd_ee_delta_pose (42 state / 7 action), so100 pd_joint_pos (36 / 6), fetch (54 / 12)
+ROBOTS = {"panda": (42, 7), "so100": (36, 6), "fetch": (54, 12)}
+
+
+def _normalizer(robots=ROBOTS, seed=0) -> Normalizer:
+    rng = np.random.default_rng(seed)
+    data = {}
+    for name, (ds, da) in robots.items():
+        data[f"state/{name}"] = rng.normal(rng.normal(0, 1, ds), rng.uniform(0.1, 2, ds), (200, ds))
+        data[f"action/{name}"] = rng.uniform(-1, 1, (200, da)) * rng.uniform(0.2, 3, da)
+    return Normalizer.fit(data)
+
+
+def _policy(robots=ROBOTS, seed=0, **kw) -> CompassPolicy:
+    torch.manual_seed(seed)
+    emb = [{"name": n, "obs_dim": ds, "action_dim": da} for n, (ds, da) in robots.items()]
+    return CompassPolicy(
+        CompassPolicyConfig(embodiments=emb, hidden_dims=(64, 64), **kw), _normalizer(robots)
+    )
+
+
+def test_pad_features_and_feature_mask():
+    x = torch.arange(6.0).reshape(2, 3)
+    p = pad_features(x, 5)
+    assert p.shape == (2, 5) and torch.equal(p[:, :3], x) and torch.equal(p[:, 3:], torch.zeros(2, 2))
+    assert pad_features(x, 3) is x
+    with pytest.raises(ValueError, match="cannot pad 3 features into a width of 2"):
+        pad_features(x, 2)
+    m = feature_mask(torch.tensor([1, 3, 4]), 4)
+    assert m.tolist() == [[True, False, False, False], [True, True, True, False], [True, True, True, True]]
+    with pytest.raises(ValueError):
+        feature_mask(torch.tensor([5]), 4)
+
+
+def test_interface_pads_per_embodiment_and_masks_absent_dims():
+    pol = _policy()
+    c = pol.config
+    assert (c.max_obs_dim, c.max_action_dim, c.max_embodiments) == (54, 12, 3)
+    for name, (ds, da) in ROBOTS.items():
+        s = torch.randn(5, ds)
+        padded = pol.normalize_state(name, s)
+        assert padded.shape == (5, 54) and torch.equal(padded[:, ds:], torch.zeros(5, 54 - ds))
+        p = pol.normalizer.params[f"state/{name}"]  # the robot's own statistics, computed by hand
+        torch.testing.assert_close(padded[:, :ds], (s - p["offset"]) * p["scale"])
+        idx = torch.full((5,), c.index(name))
+        mean, log_std = pol.distribution(padded, idx)
+        assert mean.shape == (5, 12) and log_std.shape == (12,)
+        assert torch.equal(mean[:, da:], torch.zeros(5, 12 - da))  # absent action dims are exactly 0
+        # features past the robot's own state are masked: garbage there changes nothing
+        dirty = padded.clone()
+        dirty[:, ds:] = 100.0
+        torch.testing.assert_close(pol.distribution(dirty, idx)[0], mean)
+    # the same state read as two robots gives different actions (the embodiment code matters)
+    s = torch.randn(4, 54)
+    a0 = pol.distribution(s, torch.zeros(4, dtype=torch.long))[0]
+    a2 = pol.distribution(s, torch.full((4,), 2))[0]
+    assert not torch.allclose(a0[:, :7], a2[:, :7])
+
+
+@pytest.mark.parametrize("embedding", ["onehot", "learned"])
+def test_generalist_forward_for_every_embodiment(embedding):
+    pol = _policy(embedding=embedding).eval()
+    for name, (ds, da) in ROBOTS.items():
+        view = pol.as_embodiment(name)
+        assert view.config.obs_dim == ds and view.config.action_dim == da
+        chunk = view.predict_action_chunk({"state": torch.randn(3, 1, ds)})
+        assert chunk.shape == (3, 1, da) and torch.isfinite(chunk).all()
+        view.reset()
+        act = view.select_action({"state": torch.randn(3, ds)})
+        assert act.shape == (3, da)
+        mean, std = view.action_distribution({"state": torch.randn(3, 1, ds)})
+        scale = view.normalizer.params[f"action/{name}"]["scale"]
+        torch.testing.assert_close(std[0], 0.1 / scale)  # global std 0.1 in normalised units
+        assert mean.shape == (3, da)
+        with pytest.raises(ValueError, match=f"{name} states have {ds} features"):
+            view.predict_action_chunk({"state": torch.randn(3, 1, ds + 1)})
+
+
+def test_new_robot_joins_by_config_and_checkpoints_round_trip(tmp_path):
+    """Reserved widths: adding a robot keeps every layer's shape, so a trained network is reused."""
+    reserve = {"max_obs_dim": 64, "max_action_dim": 12, "max_embodiments": 4}
+    two = {k: ROBOTS[k] for k in ("panda", "so100")}
+    old, new = _policy(two, **reserve), _policy(ROBOTS, **reserve)
+    assert {k: v.shape for k, v in old.state_dict().items()} == {
+        k: v.shape for k, v in new.state_dict().items()
+    }
+    new.load_state_dict(old.state_dict())
+    s = torch.randn(2, 1, 42)
+    torch.testing.assert_close(
+        new.as_embodiment("panda").predict_action_chunk({"state": s}),
+        old.as_embodiment("panda").predict_action_chunk({"state": s}),
+    )
+    # through the policy registry and a checkpoint directory, acting as its configured robot
+    view = new.as_embodiment("fetch")
+    view.save_pretrained(tmp_path / "ckpt")
+    back = load_policy(tmp_path / "ckpt")[0]
+    s = torch.randn(2, 1, 54)
+    assert back.config.embodiment == "fetch"
+    torch.testing.assert_close(
+        back.predict_action_chunk({"state": s}), view.predict_action_chunk({"state": s})
+    )
+    with pytest.raises(ValueError, match="exceed"):
+        _policy(ROBOTS, max_obs_dim=40)
+    with pytest.raises(ValueError, match="max_embodiments"):
+        _policy(ROBOTS, max_embodiments=2)
+    with pytest.raises(ValueError, match="not one of"):
+        _policy(ROBOTS, embodiment="xarm6")
+
+
+def test_config_rejects_bad_input():
+    with pytest.raises(ValueError, match="expert"):
+        Embodiment(name="a", robot_uids="panda", expert="human")
+    with pytest.raises(ValueError, match="unique"):
+        CompassConfig(embodiments=[{"name": "a", "robot_uids": "panda"}] * 2)
+    with pytest.raises(ValueError, match="unknown stage"):
+        CompassConfig(embodiments=[{"name": "a", "robot_uids": "panda"}], stages=["rl"])
+    with pytest.raises(ValueError, match="unknown field"):
+        CompassConfig.from_cfg({"embodiments": [{"name": "a", "robot_uids": "panda"}], "epoch": 3})
+    with pytest.raises(ValueError, match="total_steps"):
+        CompassConfig(embodiments=[{"name": "a", "robot_uids": "panda"}], specialist={"total_steps": 0})
+
+
+def _kl_by_hand(mt, st, ms, ss):
+    """KL(N(mt, st^2) || N(ms, ss^2)) summed over the last axis, from the textbook formula."""
+    return np.sum(np.log(ss / st) + (st**2 + (mt - ms) ** 2) / (2 * ss**2) - 0.5, axis=-1)
+
+
+def test_generalist_loss_ignores_masked_dims_and_matches_the_closed_form():
+    torch.manual_seed(0)
+    b, d = 6, 5
+    dims = torch.tensor([2, 5, 3, 3, 1, 4])
+    mask = feature_mask(dims, d)
+    mu_s, mu_t = torch.randn(b, d), torch.randn(b, d)
+    log_std_s, log_std_t = torch.randn(d) * 0.3, torch.randn(b, d) * 0.3
+    loss = generalist_loss("kl", mu_s, log_std_s, mu_t, log_std_t, mask)
+    per_row = [
+        _kl_by_hand(
+            mu_t[i, :k].numpy(),
+            log_std_t[i, :k].exp().numpy(),
+            mu_s[i, :k].numpy(),
+            log_std_s[:k].exp().numpy(),
+        )
+        for i, k in enumerate(dims.tolist())
+    ]
+    assert float(loss) == pytest.approx(float(np.mean(per_row)), rel=1e-5)
+    junk = mu_s.clone()
+    junk[~mask] = 1e3  # anything on absent dims is ignored
+    assert float(generalist_loss("kl", junk, log_std_s, mu_t, log_std_t, mask)) == pytest.approx(float(loss))
+    mse = generalist_loss("mse", mu_s, log_std_s, mu_t, log_std_t, mask)
+    assert float(mse) == pytest.approx(float(((mu_s - mu_t) ** 2)[mask].mean()), rel=1e-6)
+    with pytest.raises(ValueError, match="kl or mse"):
+        generalist_loss("jsd", mu_s, log_std_s, mu_t, log_std_t, mask)
+
+
+def _specialist(base: CompassPolicy, name: str, seed: int) -> ResidualPolicy:
+    """A real residual specialist on ``base`` acting as ``name``, its residual head perturbed (a trained
+    residual is not zero)."""
+    view = base.as_embodiment(name).eval()
+    ds, da = view.config.obs_dim, view.config.action_dim
+    cfg = ResidualPolicyConfig(
+        obs_dim=ds,
+        action_dim=da,
+        extra_dim=da,
+        hidden_dims=(32,),
+        action_low=-3.0,
+        action_high=3.0,
+        base_policy=view.policy_config_dict(),
+        residual_scale=0.5,
+    )
+    spec = ResidualPolicy(cfg, view.normalizer)
+    spec.base.load_state_dict(view.state_dict())
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        spec.actor_critic.actor[-1].weight.normal_(0, 0.5)
+        spec.actor_critic.log_std.fill_(-1.5)
+    return spec.eval()
+
+
+def test_distillation_on_fixed_data_lowers_the_kl_to_each_specialist(tmp_path):
+    robots = {k: ROBOTS[k] for k in ("panda", "so100")}
+    base = _policy(robots, seed=0).eval()
+    rng = np.random.default_rng(0)
+    data = {}
+    for i, (name, (ds, _)) in enumerate(robots.items()):
+        spec = _specialist(base, name, seed=10 + i)
+        p = base.normalizer.params[f"state/{name}"]
+        states = (
+            torch.as_tensor(rng.uniform(-1, 1, (400, ds)), dtype=torch.float32) / p["scale"] + p["offset"]
+        )
+        mean, std = specialist_gaussian(spec, states)
+        data[name] = {"state": states.numpy(), "mean": mean.numpy(), "std": std.numpy()}
+    ccfg = CompassConfig(
+        embodiments=[{"name": n, "robot_uids": n} for n in robots],
+        epochs=40,
+        optim={
+            "lr": 1e-3,
+            "weight_decay": 0.0,
+            "warmup_steps": 10,
+            "batch_size": 64,
+            "grad_clip": 1.0,
+            "log_every": 50,
+            "checkpoint_every": 100,
+        },
+    )
+    cfg = OmegaConf.create({"seed": 0, "resume": True})
+    torch.manual_seed(1)
+    before = type(base)(base.config, base.normalizer).eval()  # a fresh network, as fit_generalist starts from
+
+    def kl_per_robot(pol):
+        from embodied_distill.distill.compass import distill_data
+
+        ds = distill_data(pol, ccfg, data)
+        out = {}
+        for e, part in enumerate(ds.parts):
+            with torch.no_grad():
+                mean, log_std = pol.distribution(part["state"], part["embodiment"])
+                out[e] = float(
+                    generalist_loss(
+                        "kl",
+                        mean,
+                        log_std,
+                        part["teacher_mean"],
+                        part["teacher_log_std"],
+                        pol.action_mask(part["embodiment"]),
+                    )
+                )
+        return out
+
+    start = kl_per_robot(before)
+    student = fit_generalist(cfg, ccfg, base, None, data, tmp_path / "gen", torch.device("cpu"))
+    end = kl_per_robot(student.eval())
+    print("KL to each specialist before / after:", start, end)
+    for e in start:
+        assert end[e] < 0.2 * start[e], (start, end)
+    assert (tmp_path / "gen" / "checkpoint" / "meta.json").exists()
+    # the std is learned: it moves from 0.1 toward the specialists' (normalised) std
+    assert not torch.allclose(student.log_std, torch.full_like(student.log_std, math.log(0.1)))
+
+
+def test_balanced_data_gives_every_embodiment_an_equal_share():
+    parts = [
+        {"embodiment": torch.zeros(10, dtype=torch.long), "state": torch.arange(10.0)[:, None]},
+        {"embodiment": torch.ones(3, dtype=torch.long), "state": 100 + torch.arange(3.0)[:, None]},
+    ]
+    data = BalancedData(parts)
+    assert len(data) == 20
+    batch = data.get_batch(torch.arange(20))
+    assert int((batch["embodiment"] == 1).sum()) == 10
+    assert set(batch["state"][batch["embodiment"] == 1, 0].tolist()) == {100.0, 101.0, 102.0}
+
+
+def test_registry_builds_compass_from_a_plain_dict():
+    pol = _policy()
+    again = build_policy("compass", pol.policy_config_dict(), pol.normalizer)
+    assert again.config == pol.config
+
+
+@pytest.mark.sim
+def test_so100_motion_planner_demos_and_panda_interface_on_real_envs(tmp_path):
+    """ManiSkill's so100 PickCube planner through the runner, with the real state/action sizes."""
+    from embodied_distill.sim.maniskill import ManiSkillRunner
+
+    from embodied_distill.data.episode_store import EpisodeStore
+
+    task = {
+        "name": "pickcube",
+        "sim": "maniskill",
+        "env_id": "PickCube-v1",
+        "obs_mode": "state",
+        "control_mode": "pd_joint_pos",
+        "max_episode_steps": 120,
+        "robot_uids": "so100",
+        "expert": "motionplanner",
+    }
+    summary = ManiSkillRunner(task, sim_backend="cpu").collect_demos(
+        tmp_path / "so100.zarr", 2, num_workers=1
+    )
+    store = EpisodeStore(tmp_path / "so100.zarr", mode="r")
+    assert store.n_episodes == 2 and summary["successes"] >= 2
+    d = store.load(["state", "action"])
+    assert d["state"].shape[1] == 36 and d["action"].shape[1] == 6
+    assert np.all(np.diff(np.concatenate([[0], store.episode_ends])) <= 120)
+
+
+def _cli(tmp_path, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "embodied_distill.train", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=900,
+    )
+
+
+@pytest.mark.sim
+@pytest.mark.slow
+def test_cli_compass_tiny_budget_runs_all_stages(tmp_path):
+    run = tmp_path / "run"
+    args = [
+        "task=pickcube",
+        "distill=compass",
+        f"hydra.run.dir={run}",
+        f"demos.dir={tmp_path / 'demos'}",
+        "distill.demos_per_embodiment=2",
+        "distill.base_steps=20",
+        "distill.specialist.total_steps=250",
+        "distill.specialist.n_steps=250",
+        "distill.specialist.batch_size=125",
+        "distill.specialist.eval_every=250",
+        "distill.specialist.eval_episodes=1",
+        "distill.data_episodes=1",
+        "distill.dagger_rounds=1",
+        "distill.dagger_episodes=1",
+        "distill.epochs=2",
+        "eval.episodes=2",
+        "eval.num_envs=1",
+        "demos.num_workers=1",
+        "device=cpu",
+        "torch_threads=1",
+    ]
+    out = _cli(tmp_path, *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["per_embodiment"]) == {"panda", "so100"}
+    for row in report["per_embodiment"].values():
+        assert set(row) == {"base", "specialist", "generalist"} and row["generalist"]["episodes"] == 2
+    assert (run / "generalist" / "data_round1.npz").exists()
+    gen = load_policy(run / "generalist" / "checkpoint")[0]
+    assert gen.config.names == ["panda", "so100"]
