@@ -109,6 +109,9 @@ class VLAOPDConfig:
     """Warm start: teacher-driven episodes collected before training (0: no warm start)."""
     sft_updates: int = 0
     """Warm start: hard cross-entropy steps on those episodes' teacher tokens."""
+    sft_all_tasks: bool = True
+    """Warm start on every task of the runner (True: held-out tasks start from a non-trivial success, so
+    forgetting is measurable) or only on ``train_tasks``."""
     student_path: str | None = None
     """Load the student from this checkpoint (e.g. a small VLA trained with ``distill=bc``) instead of
     building it from the teacher's config with ``student_overrides``."""
@@ -584,7 +587,8 @@ def train_opd(runner, student, teacher, cfg: VLAOPDConfig, *, seed: int = 0,
         print(f"[{tag}] resuming at iteration {it}/{cfg.iterations} (replay buffer restarts empty)")
     elif cfg.sft_episodes > 0:
         t0 = time.perf_counter()
-        warm = warm_start(runner, student, teacher, cfg, indices, seed_start + 5_000, device, gen)
+        sft_indices = range(len(runner.specs)) if cfg.sft_all_tasks else indices
+        warm = warm_start(runner, student, teacher, cfg, sft_indices, seed_start + 5_000, device, gen)
         warm["wall_s"] = time.perf_counter() - t0
         print(f"[{tag}] warm start: {warm}")
 
