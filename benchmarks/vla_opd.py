@@ -48,7 +48,7 @@ LABELS = {"reverse_kl_opd": "reverse-KL OPD", "forward_kl_opd": "forward-KL OPD"
           "offpolicy_sft": "off-policy SFT (teacher rollouts)", "hard_ce_onpolicy": "on-policy hard CE"}
 # the budgets: decision points (teacher queries) per method, evaluation episodes per task, ...
 FULL = {"n_train_tasks": 2, "eval_episodes": 10, "sft_episodes": 15, "sft_updates": 400,
-        "budget": 400, "iterations": 40, "episodes_per_iter": 2, "updates_per_iter": 30, "batch_size": 32,
+        "budget": 400, "iterations": 40, "episodes_per_iter": 2, "updates_per_iter": 40, "batch_size": 32,
         "eval_every": 4, "max_episode_steps": None}
 QUICK = {"n_train_tasks": 1, "eval_episodes": 3, "sft_episodes": 5, "sft_updates": 40,
          "budget": 60, "iterations": 10, "episodes_per_iter": 1, "updates_per_iter": 10, "batch_size": 16,
@@ -235,7 +235,8 @@ def report(work: Path, info: dict, budget: dict, cfg, quick: bool, out_dir: Path
     lines = [f"# VLA-OPD on LIBERO-style {info.get('suite') or '?'} ({'quick' if quick else 'full'})", "",
              f"Trained tasks: {', '.join(train_names)}; held-out tasks: {', '.join(other)}. "
              f"{cfg.eval_episodes} fixed evaluation states per task, greedy decoding, episodes end at the "
-             f"first success. Budget per method: {budget['budget']} teacher queries (decision points).", "",
+             f"first success. Budget per method: {cfg.teacher_query_budget} teacher queries (decision "
+             "points).", "",
              "| policy | teacher queries | env steps | success (trained) | success (held out) | "
              "held-out change | mean token entropy (train / rollout) | final KL(S‖T) | wall s |",
              "|---|---|---|---|---|---|---|---|---|",
