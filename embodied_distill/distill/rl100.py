@@ -114,7 +114,7 @@ class RL100Config:
     """Passes over a round's chains."""
     ppo_minibatch: int = 64
     """Chains per gradient step."""
-    policy_lr: float = 3e-5
+    policy_lr: float = 1e-4
     """Adam learning rate of the denoiser during RL."""
     clip: float = 0.2
     """PPO ratio clip, applied to every denoising step's ratio."""
@@ -264,7 +264,7 @@ class IQLCritic(nn.Module):
         v_loss = expectile_loss(q_t - self.value(b.obs), expectile=expectile)
         x = torch.cat([b.obs, b.action], -1)
         q_loss = masked_mse(self.q1(x).squeeze(-1), target) + masked_mse(self.q2(x).squeeze(-1), target)
-        return v_loss + q_loss, {"v_loss": float(v_loss), "q_loss": float(q_loss)}
+        return v_loss + q_loss, {"v_loss": float(v_loss.detach()), "q_loss": float(q_loss.detach())}
 
     def update_targets(self, tau: float) -> None:
         from embodied_distill.losses import ema_update

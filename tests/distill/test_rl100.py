@@ -167,9 +167,8 @@ def test_build_transitions_windows_rewards_and_done():
         RL100Config.from_cfg({"nope": 1})
 
 
-@pytest.mark.slow
 def test_rl100_end_to_end_smoke(tmp_path):
-    """All four stages on PickCube with tiny budgets; every stage writes its record."""
+    """All four stages on PickCube with tiny budgets; every stage writes its record (~26 s)."""
     import json
 
     from hydra import compose, initialize_config_module
