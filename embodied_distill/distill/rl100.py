@@ -674,6 +674,8 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
             check_time()
 
         # ------------------------------------------------------------ 3. online iterations
+        if (run_dir / "critic_online.safetensors").exists():  # resume: the critic as the online stage left it
+            critic.load_state_dict(load_file(str(run_dir / "critic_online.safetensors")))
         for it in range(rcfg.online_iterations):
             name = f"online_{it}"
             if progress.done(name):
@@ -681,7 +683,8 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
             first = rcfg.rollout_seed_start + rcfg.rollout_episodes + it * rcfg.online_episodes
             episodes = collect_rollouts(policy, runner, list(range(first, first + rcfg.online_episodes)),
                                         cfg.eval.num_envs)
-            append_episodes(rl_store, episodes, stage=1 + it)  # the episode store grows with fresh data
+            if rl_store.n_episodes < first + rcfg.online_episodes - rcfg.rollout_seed_start:  # not on a rerun
+                append_episodes(rl_store, episodes, stage=1 + it)  # the episode store grows with fresh data
             fresh = store_transitions(rl_store, policy, rcfg.rollout_episodes)
             rollouts = Transitions.cat([rollout_tr, fresh])
             m = fit(critic, Transitions.cat([demo_tr, rollouts]), rcfg.online_critic_steps, rcfg, gen,
@@ -704,7 +707,7 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
             stats = ppo_update(candidate, optimizer, cond.flatten(0, 1), chains, old, advantage.flatten(),
                                rcfg, gen, bc_batches)
             stats["rollout_success"] = float(np.mean([e["success"] for e in episodes]))
-            save_module(critic, run_dir / "critic.safetensors")
+            save_module(critic, run_dir / "critic_online.safetensors")  # critic.safetensors stays offline
             gated(name, candidate, stats)
             check_time()
 
