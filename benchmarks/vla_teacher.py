@@ -65,6 +65,26 @@ def make_runner(suite: str):
 
 
 # ------------------------------------------------------------------------------------------ 1. train
+def collect_demos(suite: str, budget: dict) -> dict:
+    """The scripted-expert demos with images and instructions, into the store the train CLI reads."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+
+    from embodied_distill.distill.bc import demo_store_path
+    from embodied_distill.train import make_runner
+
+    overrides = ["sim=libero", *task_overrides(suite), "student=vla", f"demos.n_episodes={budget['demos']}"]
+    with initialize_config_module("embodied_distill.configs", version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # demos.dir interpolates hydra:runtime.cwd
+    path = demo_store_path(cfg)
+    t0 = time.perf_counter()
+    summary = make_runner(cfg).collect_demos(path, cfg.demos.n_episodes, seed_start=cfg.demos.seed_start,
+                                             num_workers=cfg.demos.num_workers, noise_std=cfg.demos.noise_std,
+                                             noise_prob=cfg.demos.noise_prob)
+    return {"store": str(path), "wall_s": time.perf_counter() - t0, **summary}
+
+
 def stage_train(suite: str, budget: dict, run_dir: Path) -> dict:
     split = ",".join(str(s) for s in state_split(suite))
     cmd = [sys.executable, "-m", "embodied_distill.train", "sim=libero", *task_overrides(suite),
@@ -178,8 +198,10 @@ def table(res: dict) -> str:
         b = res["budget"]
         lines += [f"Teacher checkpoint: `{res['teacher_checkpoint']}`. Training ({b['demos']} demos, "
                   f"{b['steps']} steps, batch {b['batch_size']}): token cross-entropy "
-                  f"{tr['first_loss']:.3f} -> {tr['last_loss']:.3f}, wall time {tr['wall_s'] / 60:.1f} min "
-                  f"(demos + training, 2 shared CPU cores, 1 torch thread).", ""]
+                  f"{tr['first_loss']:.3f} -> {tr['last_loss']:.3f}; wall time {tr['wall_s'] / 60:.1f} min "
+                  f"training + {res['demos']['wall_s'] / 60:.1f} min demo collection "
+                  f"({res['demos']['attempted']} expert episodes, 2 worker processes) on 2 shared CPU cores, "
+                  "1 torch thread.", ""]
     ev, sw = res.get("eval", {}), res.get("swap", {})
     if ev:
         lines += ["Success on held-out evaluation initial states (seeds 100000+, which no demo used):",
@@ -226,6 +248,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     ckpt = run_dir / "checkpoint"
+    if args.stage in ("all", "train") and "demos" not in res:
+        res["demos"] = collect_demos(args.suite, budget)
+        save()
     if args.stage in ("all", "train") and "train" not in res:
         res["train"] = stage_train(args.suite, budget, run_dir)
         save()
