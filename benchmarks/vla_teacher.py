@@ -163,10 +163,9 @@ def stage_remote(suite: str, checkpoint: Path, store: Path, n: int = 64) -> dict
     rows = np.sort(rng.choice(int(ends[-1]), size=n, replace=False))
     episode = np.searchsorted(ends, rows, side="right")
     texts = demos.episode_meta("instruction").astype(str)
-    obs = {"rgb": torch.from_numpy(np.asarray(demos.root["data"]["rgb"].get_orthogonal_selection(
-               (rows,)))[:, None]),
-           "state": torch.from_numpy(np.asarray(demos.root["data"]["state"].get_orthogonal_selection(
-               (rows,)))[:, None]),
+    data = demos.root["data"]
+    arrays = {k: np.stack([np.asarray(data[k][int(r)]) for r in rows]) for k in ("rgb", "state")}
+    obs = {**{k: torch.from_numpy(v)[:, None] for k, v in arrays.items()},  # (n, To=1, ...)
            "instruction": [str(texts[e]) for e in episode]}
     with torch.no_grad():
         t0 = time.perf_counter()
