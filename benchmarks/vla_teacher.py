@@ -168,6 +168,7 @@ def stage_remote(suite: str, checkpoint: Path, store: Path, n: int = 64) -> dict
     obs = {**{k: torch.from_numpy(v)[:, None] for k, v in arrays.items()},  # (n, To=1, ...)
            "instruction": [str(texts[e]) for e in episode]}
     with torch.no_grad():
+        policy.action_distribution({k: v[:1] for k, v in obs.items()})  # warm-up (loads the text encoder)
         t0 = time.perf_counter()
         local_logits = policy.action_distribution(obs)
         local_ms = (time.perf_counter() - t0) * 1e3
