@@ -58,10 +58,11 @@ STUDENT = {"d_model": 64, "n_layers": 2, "n_heads": 4}
 
 
 def teacher_info(given: str | None) -> dict:
-    """``{"checkpoint", "suite", "image_size", ...}`` from ``--teacher`` or ``vla_teacher.json``."""
+    """``{"checkpoint", "suite", "image_size", ...}``: ``--teacher``, else ``vla_teacher.json``'s
+    ``teacher_checkpoint``; suite and image size from ``vla_teacher.json`` when it has them."""
     info_path = DEFAULT_OUT / "vla_teacher.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    ckpt = given or info.get("checkpoint")
+    ckpt = given or info.get("teacher_checkpoint") or info.get("checkpoint")
     if not ckpt:
         raise SystemExit(f"no teacher: pass --teacher DIR or wait for {info_path} (issue 6) to name one")
     ckpt = Path(ckpt)
