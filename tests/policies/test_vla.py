@@ -282,3 +282,23 @@ def test_remote_teacher_matches_the_local_policy(tmp_path):
             assert torch.equal(remote.predict_action_chunk(obs), policy.predict_action_chunk(obs))
             with pytest.raises(ValueError, match="normaliser"):
                 remote.predict_action_chunk(obs, temperature=1.0)
+
+
+def test_sequence_windows_feed_the_vla_images_as_uint8_and_each_steps_instruction():
+    from embodied_distill.data.sampler import SequenceDataset
+
+    rng = np.random.default_rng(0)
+    ends = np.array([5, 12])
+    data = {"rgb": rng.integers(0, 256, (12, 2, 16, 16, 3)).astype(np.uint8),
+            "state": rng.normal(size=(12, DS)).astype(np.float32),
+            "action": rng.uniform(-2, 3, (12, DA)).astype(np.float32),
+            "instruction": np.repeat(np.array([LEFT, RIGHT]), [5, 7])}
+    ds = SequenceDataset(data, ends, obs_keys=["rgb", "state", "instruction"], obs_horizon=1,
+                         action_horizon=TA)
+    batch = ds.get_batch(torch.tensor([0, 4, 5, 11]))
+    assert batch["rgb"].dtype == torch.uint8 and batch["rgb"].shape == (4, 1, 2, 16, 16, 3)
+    assert torch.equal(batch["rgb"][1, 0], torch.from_numpy(data["rgb"][4]))
+    assert batch["instruction"] == [LEFT, LEFT, RIGHT, RIGHT]
+    assert batch["action_is_pad"][1].tolist() == [False, True, True, True]  # episode 0 ends at step 4
+    loss, _ = tiny_vla().compute_loss(batch)
+    assert torch.isfinite(loss)
