@@ -13,6 +13,7 @@ import dataclasses
 import os
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 
 TASKS = {
@@ -59,7 +60,6 @@ def _resolve_backend(cfg: ManiSkillEnvConfig, num_envs: int) -> str:
 
 def make_single_env(cfg: ManiSkillEnvConfig, render: bool = False):
     """One CPU env returning numpy arrays, terminations ignored (episodes run to the limit)."""
-    import gymnasium as gym
     import mani_skill.envs  # noqa: F401  (registers the envs)
     from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
@@ -67,7 +67,30 @@ def make_single_env(cfg: ManiSkillEnvConfig, render: bool = False):
                    robot_uids=cfg.robot_uids, sim_backend="cpu", render_backend="cpu",
                    max_episode_steps=cfg.max_episode_steps,
                    render_mode="rgb_array" if render else None)
-    return CPUGymWrapper(env, ignore_terminations=True, record_metrics=False)
+    return ContactFreshReset(CPUGymWrapper(env, ignore_terminations=True, record_metrics=False))
+
+
+class ContactFreshReset(gym.Wrapper):
+    """Makes a CPU reset independent of the previous episode.
+
+    ManiSkill's CPU reset teleports actors without a physics step, so contact-based observations
+    (PickCube's ``is_grasped``) report the previous episode's last contacts: after a successful grasp
+    the first observation of the next episode says "grasped" (measured: 1.0 instead of 0.0), so demos
+    and evaluations depended on which episodes a reused env had run before (two fresh runs of the main
+    job stored different demo sets). Here a reset is: reset(seed), one physics step at the initial
+    configuration, reset(seed) again (about 6 ms), which gives exactly a freshly built env's observation.
+    """
+
+    def __init__(self, env):
+        super().__init__(env)
+        self._seeds = np.random.default_rng()
+
+    def reset(self, *, seed=None, options=None):
+        if seed is None:  # both resets must draw the same initial state
+            seed = int(self._seeds.integers(2**31 - 1))
+        self.env.reset(seed=seed, options=options)
+        self.env.unwrapped.scene.step()
+        return self.env.reset(seed=seed, options=options)
 
 
 def _worker_env_fn(cfg: ManiSkillEnvConfig, render: bool):
@@ -92,7 +115,6 @@ class ManiSkillVecEnv:
         self.backend = _resolve_backend(cfg, num_envs)
         self._render = render
         if self.backend == "gpu":
-            import gymnasium as gym
             import mani_skill.envs  # noqa: F401
             from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 

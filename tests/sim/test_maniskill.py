@@ -32,6 +32,23 @@ def test_scripted_expert_solves_unseen_seeds_within_50_steps(task):
     assert np.abs(ep["action"]).max() <= 1.0
 
 
+def test_reset_does_not_depend_on_the_previous_episode():
+    """ManiSkill's CPU reset keeps the last episode's contacts (is_grasped stayed 1.0 after a grasp);
+    the runner's env must give a freshly built env's first observation whatever ran before."""
+    cfg = ManiSkillEnvConfig(env_id="PickCube-v1", max_episode_steps=50)
+    fresh, used = make_single_env(cfg), make_single_env(cfg)
+    try:
+        first, _ = fresh.reset(seed=1)
+        before = run_expert_episode(used, "pickcube", 0, 50)
+        assert before["success"] and before["state"][-1][18] == 1.0  # ends grasped (is_grasped index)
+        again, _ = used.reset(seed=1)
+        np.testing.assert_array_equal(np.asarray(again), np.asarray(first))
+        assert np.asarray(again).ravel()[18] == 0.0
+    finally:
+        fresh.close()
+        used.close()
+
+
 class _ConstantPolicy:
     def __init__(self, value):
         self.value = value
