@@ -114,10 +114,14 @@ class RL100Config:
     """Passes over a round's chains."""
     ppo_minibatch: int = 64
     """Chains per gradient step."""
-    policy_lr: float = 1e-4
+    policy_lr: float = 1e-5
     """Adam learning rate of the denoiser during RL."""
     clip: float = 0.2
     """PPO ratio clip, applied to every denoising step's ratio."""
+    target_kl: float | None = 0.05
+    """Stop a round's epochs once a minibatch's approx KL (old || new, per denoising step) exceeds 1.5 x
+    this (None: never). Adam moves every weight by ~lr per step whatever the gradient, so without it a
+    few epochs at lr 1e-4 moved the PickCube policy to 0 % success (approx KL 3.3)."""
     bc_coef: float = 0.0
     """Weight of the optional BC (denoising) loss on demo batches during RL (RL-100's BC term)."""
     gae_lambda: float = 0.95
@@ -132,6 +136,9 @@ class RL100Config:
     """Dataset states the OPE starts from (fixed across candidates, as is the sampling noise)."""
     ope_horizon: int = 1
     """Chunk steps rolled out in the dynamics model before scoring by Q (0: Q at the start states)."""
+    ope_penalty: float = 1.0
+    """Pessimism of the OPE: minus this x the dynamics ensemble's disagreement at each rolled-out step
+    (MOPO-style; actions far from the data make the members disagree)."""
     dynamics_members: int = 3
     """Ensemble size of the dynamics model (mean prediction)."""
     time_budget_s: float = 0.0
@@ -152,6 +159,10 @@ class RL100Config:
             raise ValueError("rl.offline_from reuses another run's data read-only: set online_iterations=0")
         if self.advantage_sign not in (1.0, -1.0):
             raise ValueError("advantage_sign must be 1 or -1")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ValueError("target_kl must be > 0 (or null)")
+        if self.ope_penalty < 0:
+            raise ValueError("ope_penalty must be >= 0")
         if not 0 <= self.rollout_weight <= 1:
             raise ValueError("rollout_weight must lie in [0, 1]")
         if self.clip <= 0 or self.policy_lr <= 0 or self.critic_lr <= 0 or self.bc_coef < 0:
@@ -284,10 +295,13 @@ class DynamicsModel(nn.Module):
         x = torch.cat([obs, action], -1)
         return torch.stack([m(x) for m in self.members])  # (M, B, Do' + 1)
 
-    def step(self, obs: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
-        """``(B, Do'), (B, Da') -> (next obs (B, Do'), reward (B,))``."""
-        out = self(obs, action).mean(0)
-        return obs + out[:, :-1], out[:, -1]
+    def step(self, obs: Tensor, action: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(B, Do'), (B, Da') -> (next obs (B, Do'), reward (B,), disagreement (B,))``; the disagreement
+        is the norm of the members' standard deviation of the predicted next obs (0 for one member)."""
+        out = self(obs, action)
+        spread = out[:, :, :-1].std(0, unbiased=False).norm(dim=-1)
+        mean = out.mean(0)
+        return obs + mean[:, :-1], mean[:, -1], spread
 
     def loss(self, b: Transitions, gamma: float = 0.0, expectile: float = 0.0
              ) -> tuple[Tensor, dict[str, float]]:
@@ -295,7 +309,8 @@ class DynamicsModel(nn.Module):
         live = (1 - b.done)[None, :, None].expand(out.shape[0], -1, out.shape[-1] - 1)
         obs_loss = masked_mse(out[..., :-1], (b.next_obs - b.obs).expand_as(out[..., :-1]), live)
         rew_loss = masked_mse(out[..., -1], b.reward.expand_as(out[..., -1]))
-        return obs_loss + rew_loss, {"obs_loss": float(obs_loss), "reward_loss": float(rew_loss)}
+        metrics = {"obs_loss": float(obs_loss.detach()), "reward_loss": float(rew_loss.detach())}
+        return obs_loss + rew_loss, metrics
 
 
 def mixture_weights(n_demo: int, n_rollout: int, rollout_weight: float) -> Tensor:
@@ -327,16 +342,17 @@ def fit(model: nn.Module, data: Transitions, steps: int, rcfg: RL100Config, gen:
 
 @torch.no_grad()
 def ope_estimate(act, start_obs: Tensor, critic: IQLCritic, dynamics: DynamicsModel, horizon: int,
-                 gamma: float) -> float:
-    """Model-based OPE (RL-100): ``mean[sum_h gamma^h r_h + gamma^H Q(s_H, pi(s_H))]`` from ``start_obs``.
+                 gamma: float, penalty: float = 0.0) -> float:
+    """Model-based OPE (RL-100): ``mean[sum_h gamma^h (r_h - penalty u_h) + gamma^H Q(s_H, pi(s_H))]``
+    from ``start_obs``, with ``u_h`` the dynamics ensemble's disagreement at step h.
 
     ``act``: ``(B, Do') -> (B, Da')`` normalised executed chunks of the policy being evaluated (pass
     one with fixed sampling noise so candidates are compared on common random numbers).
     """
     obs, total = start_obs, torch.zeros(len(start_obs))
     for h in range(horizon):
-        obs, reward = dynamics.step(obs, act(obs))
-        total += gamma**h * reward
+        obs, reward, disagreement = dynamics.step(obs, act(obs))
+        total += gamma**h * (reward - penalty * disagreement)
     total += gamma**horizon * critic.q(obs, act(obs))
     return float(total.mean())
 
@@ -395,7 +411,11 @@ def ppo_update(policy, optimizer, cond: Tensor, chain: Tensor, old_log_prob: Ten
             stats["loss"].append(float(loss.detach()))
             stats["approx_kl"].append(float(st["approx_kl"]))
             stats["clip_fraction"].append(float(st["clip_fraction"]))
-    return {k: float(np.mean(v)) for k, v in stats.items()}
+            if rcfg.target_kl is not None and stats["approx_kl"][-1] > 1.5 * rcfg.target_kl:
+                return {**{k: float(np.mean(v)) for k, v in stats.items()}, "early_stop": 1.0,
+                        "gradient_steps": float(len(stats["loss"]))}
+    return {**{k: float(np.mean(v)) for k, v in stats.items()}, "early_stop": 0.0,
+            "gradient_steps": float(len(stats["loss"]))}
 
 
 # ---------------------------------------------------------------------------- rollouts
@@ -615,7 +635,7 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
 
         def ope(p) -> float:
             return ope_estimate(chunk_actor(p, int(cfg.seed) + 2), ope_obs, critic, dynamics,
-                                rcfg.ope_horizon, rcfg.gamma)
+                                rcfg.ope_horizon, rcfg.gamma, rcfg.ope_penalty)
 
         gate.best = progress.data["best_estimate"]
         if gate.best is None:

@@ -130,9 +130,11 @@ def test_ope_gate_accepts_a_better_and_rejects_a_worse_policy_on_a_fixed_dataset
     def worse(o):
         return o.sign()  # pushes away from the origin
 
-    est = {name: ope_estimate(p, start, critic, dynamics, horizon=1, gamma=0.5)
+    est = {name: ope_estimate(p, start, critic, dynamics, horizon=1, gamma=0.5, penalty=1.0)
            for name, p in [("behaviour", behaviour), ("better", better), ("worse", worse)]}
     assert est["better"] > est["behaviour"] > est["worse"], est
+    _, _, spread = dynamics.step(start, better(start))
+    assert spread.shape == (512,) and bool((spread >= 0).all())
     gate = OPEGate(margin=0.01, best=est["behaviour"])
     assert gate.decide(est["worse"]) == (False, False)
     assert gate.best == est["behaviour"]
