@@ -225,6 +225,7 @@ def specialist_gaussian(specialist, states: Tensor) -> tuple[Tensor, Tensor]:
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
     """Write an ``.npz`` atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
@@ -416,24 +417,34 @@ def train_generalist(cfg: DictConfig, ccfg: CompassConfig, base, spec_dir: Path,
 
 # ---------------------------------------------------------------------------- stage 4: evaluation
 def evaluate_all(cfg: DictConfig, ccfg: CompassConfig, run_dir: Path) -> dict[str, Any]:
-    """Success of base / specialist / generalist on every embodiment (same unseen seeds); each
-    evaluation is cached in ``eval/<policy>_<embodiment>.json``."""
+    """Success of base / specialist / generalist on every embodiment, on the same unseen seeds
+    (``eval.seed_start``, ``eval.episodes``). Policies not trained yet are skipped (listed in
+    ``missing``). Each evaluation is cached in ``eval/<policy>_<embodiment>.json``; a specialist's own
+    final evaluation (``specialists/<name>/report.json``) is reused when it ran on the same seeds."""
     from embodied_distill.sim.evaluation import summarize
 
-    base = load_policy(run_dir / "base" / "checkpoint")[0]
-    generalist = load_policy(run_dir / "generalist" / "checkpoint")[0]
     episodes, seed_start = int(cfg.eval.episodes), int(cfg.eval.seed_start)
+    seeds = list(range(seed_start, seed_start + episodes))
+    ckpts = {"base": run_dir / "base" / "checkpoint", "generalist": run_dir / "generalist" / "checkpoint"}
+    shared = {w: load_policy(p)[0] for w, p in ckpts.items() if (p / "meta.json").exists()}
     table: dict[str, dict[str, Any]] = {}
-    generalist_episodes = []
+    missing, generalist_episodes = [], []
     for emb in ccfg.embodiments:
-        runner = make_runner(cfg, emb)
-        table[emb.name] = {}
+        runner, table[emb.name] = make_runner(cfg, emb), {}
         for who in ("base", "specialist", "generalist"):
             path = run_dir / "eval" / f"{who}_{emb.name}.json"
+            own = run_dir / "specialists" / emb.name / "report.json"
+            if not path.exists() and who == "specialist" and own.exists() and \
+                    json.loads(own.read_text()).get("seeds") == seeds:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(own.read_text())
             if not path.exists():
-                policy = (base.as_embodiment(emb.name) if who == "base" else
-                          generalist.as_embodiment(emb.name) if who == "generalist" else
-                          load_specialist(run_dir / "specialists", emb.name))
+                if who == "specialist" and not (run_dir / "specialists" / emb.name / "checkpoint").exists() \
+                        or who != "specialist" and who not in shared:
+                    missing.append(f"{who}/{emb.name}")
+                    continue
+                policy = (load_specialist(run_dir / "specialists", emb.name) if who == "specialist"
+                          else shared[who].as_embodiment(emb.name))
                 rep = runner.evaluate(policy.eval(), episodes, seed_start, num_envs=int(cfg.eval.num_envs))
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(rep))
@@ -445,15 +456,17 @@ def evaluate_all(cfg: DictConfig, ccfg: CompassConfig, run_dir: Path) -> dict[st
         print(f"[compass] {emb.name}: " + ", ".join(f"{w} {r['success_rate']:.2f}"
                                                     for w, r in table[emb.name].items()))
     mean = {w: float(np.mean([table[e][w]["success_rate"] for e in table])) for w in
-            ("base", "specialist", "generalist")}
-    targets = {"generalist_ge_90pct_of_specialist": {e: table[e]["generalist"]["success_rate"]
-                                                     >= 0.9 * table[e]["specialist"]["success_rate"]
-                                                     for e in table},
-               "generalist_ge_2x_base_mean": mean["generalist"] >= 2 * mean["base"]}
-    report = summarize(generalist_episodes, [])
+            ("base", "specialist", "generalist") if all(w in table[e] for e in table)}
+    targets = {}
+    if len(mean) == 3:
+        targets = {"generalist_ge_90pct_of_specialist": {e: table[e]["generalist"]["success_rate"]
+                                                         >= 0.9 * table[e]["specialist"]["success_rate"]
+                                                         for e in table},
+                   "generalist_ge_2x_base_mean": mean["generalist"] >= 2 * mean["base"]}
+    report = summarize(generalist_episodes, []) if generalist_episodes else {}
     report.update(task=cfg.task.name, env_id=cfg.task.env_id, control_mode="per embodiment", num_envs=int(
         cfg.eval.num_envs), max_episode_steps=max(e.max_episode_steps for e in ccfg.embodiments),
-        per_embodiment=table, mean_success=mean, targets=targets, method="compass",
+        per_embodiment=table, mean_success=mean, targets=targets, missing=missing, method="compass",
         embodiments=[dataclasses.asdict(e) for e in ccfg.embodiments])
     return report
 
@@ -475,4 +488,7 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
         return None
     report = evaluate_all(cfg, ccfg, run_dir)
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    if report["missing"]:
+        print(f"[compass] not trained yet, not evaluated: {report['missing']}")
+        return None
     return report

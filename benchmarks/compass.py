@@ -1,0 +1,183 @@
+"""COMPASS on PickCube across embodiments: IL base vs residual-RL specialists vs the distilled generalist.
+
+    python benchmarks/compass.py [--quick] [--stage all|base|specialists|generalist|evaluate]
+                                 [--only NAME ...] [--out DIR]
+
+Runs ``embodied_distill/distill/compass.py`` (the ``configs/distill/compass.yaml`` embodiments: panda with
+pd_ee_delta_pose and its scripted expert, so100 with pd_joint_pos and ManiSkill's motion planner) with
+the budgets below, in ``outputs/benchmarks/compass[_quick]``. Every stage resumes from what is already
+there, so on a shared CPU run it in pieces (``--stage base``, ``--stage specialists --only panda``, ...,
+``--stage evaluate``), each under the heavy-job lock; the wall time of every piece is accumulated in
+``stage_times.json``. Success (ManiSkill's success flag at the last step of a full episode) of the IL
+base, each specialist and the generalist is measured on the same ``episodes`` unseen seeds (100000+)
+per embodiment. Targets (issue 8): generalist >= 90% of each specialist on its own robot, and >= 2x
+the IL base's mean success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO_ROOT, write_results  # noqa: E402
+
+FULL = {
+    "demos": 100,
+    "base_steps": 5000,
+    "specialist_steps": 40_000,
+    "data_episodes": 50,
+    "dagger_rounds": 1,
+    "dagger_episodes": 20,
+    "epochs": 100,
+    "episodes": 50,
+}
+QUICK = {
+    "demos": 20,
+    "base_steps": 1000,
+    "specialist_steps": 2000,
+    "data_episodes": 5,
+    "dagger_rounds": 1,
+    "dagger_episodes": 2,
+    "epochs": 20,
+    "episodes": 10,
+}
+STAGES = ("base", "specialists", "generalist", "evaluate")
+
+
+def compose(preset: dict, stages: list[str], only: list[str], run_dir: Path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    overrides = [
+        "task=pickcube",
+        "distill=compass",
+        f"hydra.run.dir={run_dir}",
+        "device=cpu",
+        "torch_threads=1",
+        f"demos.dir={REPO_ROOT / 'data' / 'demos'}",
+        f"distill.stages=[{','.join(stages)}]",
+        f"distill.only=[{','.join(only)}]",
+        f"distill.demos_per_embodiment={preset['demos']}",
+        f"distill.base_steps={preset['base_steps']}",
+        f"distill.specialist.total_steps={preset['specialist_steps']}",
+        f"distill.specialist.eval_every={preset['specialist_steps']}",
+        f"distill.data_episodes={preset['data_episodes']}",
+        f"distill.dagger_rounds={preset['dagger_rounds']}",
+        f"distill.dagger_episodes={preset['dagger_episodes']}",
+        f"distill.epochs={preset['epochs']}",
+        f"eval.episodes={preset['episodes']}",
+        "eval.num_envs=2",
+        "eval.video_episodes=0",
+    ]
+    with initialize_config_module(config_module="embodied_distill.configs", version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides), overrides
+
+
+def table(report: dict, times: dict, preset: dict, quick: bool) -> str:
+    rows = report["per_embodiment"]
+    emb = {e["name"]: e for e in report["embodiments"]}
+
+    def cell(r, who):
+        return f"{r[who]['success_rate']:.2f}" if who in r else "—"
+
+    lines = [
+        f"## compass{'_quick' if quick else ''}",
+        "",
+        f"PickCube-v1 (state obs, CPU), success at the end of a full episode on {preset['episodes']} unseen "
+        f"seeds per embodiment. IL base: one embodiment-conditioned MLP, BC on {preset['demos']} demos per "
+        f"robot ({preset['base_steps']} steps). Specialists: residual PPO on the frozen base, "
+        f"{preset['specialist_steps']} env steps each (1 CPU env). Generalist: KL(specialist || generalist) "
+        f"on {preset['data_episodes']} specialist episodes per robot + {preset['dagger_rounds']} DAgger "
+        f"round(s) of {preset['dagger_episodes']} generalist episodes, {preset['epochs']} epochs per fit.",
+        "",
+        "| embodiment | control | demos from | episode limit | IL base | specialist | generalist "
+        "| generalist / specialist |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        ratio = (
+            f"{r['generalist']['success_rate'] / r['specialist']['success_rate']:.2f}"
+            if "generalist" in r and "specialist" in r and r["specialist"]["success_rate"] > 0
+            else "—"
+        )
+        e = emb[name]
+        lines.append(
+            f"| {name} | {e['control_mode']} | {e['expert']} | {e['max_episode_steps']} | "
+            f"{cell(r, 'base')} | {cell(r, 'specialist')} | {cell(r, 'generalist')} | {ratio} |"
+        )
+    m = report.get("mean_success", {})
+    lines.append(
+        f"| **mean** | | | | {m.get('base', float('nan')):.2f} | {m.get('specialist', float('nan')):.2f} "
+        f"| {m.get('generalist', float('nan')):.2f} | |"
+    )
+    lines += [
+        "",
+        f"Targets: {json.dumps(report.get('targets', {}))}",
+        "",
+        "Wall time per stage (s, summed over the pieces that ran it): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
+        + f"; total {sum(times.values()) / 60:.1f} min.",
+    ]
+    if report.get("missing"):
+        lines.append(f"\n**Not yet trained / evaluated:** {report['missing']}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny budgets (a few minutes)")
+    ap.add_argument("--stage", default="all", choices=("all", *STAGES))
+    ap.add_argument("--only", nargs="*", default=[], help="specialists stage: only these embodiments")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)
+    from embodied_distill.distill import compass
+    from embodied_distill.train import make_runner, quiet
+
+    quiet()
+    preset = QUICK if args.quick else FULL
+    run_dir = REPO_ROOT / "outputs" / "benchmarks" / ("compass_quick" if args.quick else "compass")
+    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    cfg, overrides = compose(preset, stages, args.only, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    times_path = run_dir / "stage_times.json"
+    times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    t0 = time.perf_counter()
+    torch.manual_seed(int(cfg.seed))
+    compass.run(cfg, run_dir, make_runner(cfg), torch.device("cpu"))
+    key = args.stage + (f"[{','.join(args.only)}]" if args.only else "")
+    times[key] = times.get(key, 0.0) + time.perf_counter() - t0
+    times_path.write_text(json.dumps(times, indent=2))
+    if "evaluate" not in stages:
+        print(f"[bench] stage {key} done in {time.perf_counter() - t0:.0f} s")
+        return
+    report = json.loads((run_dir / "report.json").read_text())
+    md = table(report, times, preset, args.quick)
+    print(md)
+    payload = {
+        "preset": preset,
+        "quick": args.quick,
+        "overrides": overrides,
+        "run_dir": str(run_dir),
+        "stage_wall_s": times,
+        "total_wall_s": sum(times.values()),
+        "seeds": {
+            "eval_seed_start": int(cfg.eval.seed_start),
+            "episodes": preset["episodes"],
+            "train_seed": int(cfg.seed),
+        },
+        **{k: report.get(k) for k in ("per_embodiment", "mean_success", "targets", "missing", "embodiments")},
+    }
+    name = "compass_quick" if args.quick else "compass"
+    print(f"[bench] wrote {write_results(name, payload, md, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
