@@ -47,9 +47,9 @@ METHODS = {
 LABELS = {"reverse_kl_opd": "reverse-KL OPD", "forward_kl_opd": "forward-KL OPD",
           "offpolicy_sft": "off-policy SFT (teacher rollouts)", "hard_ce_onpolicy": "on-policy hard CE"}
 # the budgets: decision points (teacher queries) per method, evaluation episodes per task, ...
-FULL = {"n_train_tasks": 2, "eval_episodes": 10, "sft_episodes": 15, "sft_updates": 400,
-        "budget": 400, "iterations": 40, "episodes_per_iter": 2, "updates_per_iter": 40, "batch_size": 32,
-        "eval_every": 4, "max_episode_steps": None}
+FULL = {"n_train_tasks": 2, "eval_episodes": 8, "sft_episodes": 10, "sft_updates": 400,
+        "budget": 240, "iterations": 40, "episodes_per_iter": 2, "updates_per_iter": 40, "batch_size": 32,
+        "eval_every": 3, "max_episode_steps": None}
 QUICK = {"n_train_tasks": 1, "eval_episodes": 3, "sft_episodes": 5, "sft_updates": 40,
          "budget": 60, "iterations": 10, "episodes_per_iter": 1, "updates_per_iter": 10, "batch_size": 16,
          "eval_every": 2, "max_episode_steps": 120}
@@ -273,17 +273,20 @@ def report(work: Path, info: dict, budget: dict, cfg, quick: bool, out_dir: Path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one trained task, tiny budgets (minutes)")
-    ap.add_argument("--stage", default="all", choices=["all", "teacher", "init", *METHODS, "report"])
+    ap.add_argument("--stage", default=["all"], nargs="+",
+                    choices=["all", "teacher", "init", *METHODS, "report"], help="stages to run, in order")
+    ap.add_argument("--redo", action="store_true", help="rerun stages whose results already exist")
     ap.add_argument("--teacher", default=None, help="teacher VLA checkpoint (default: vla_teacher.json's)")
     ap.add_argument("--suite", default="libero_spatial", help="suite when vla_teacher.json names none")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args()
     teacher, runner, info, budget, work, cfg = setup(args)
-    stages = ["teacher", "init", *METHODS, "report"] if args.stage == "all" else [args.stage]
+    every = args.stage == ["all"]
+    stages = ["teacher", "init", *METHODS, "report"] if every else args.stage
     for stage in stages:
         done = {"teacher": work / "teacher.json", "init": work / "init.json",
                 **{m: work / f"{m}.json" for m in METHODS}}.get(stage)
-        if args.stage == "all" and done is not None and done.exists():
+        if not args.redo and done is not None and done.exists():
             print(f"[bench] {stage}: done ({done})")
             continue
         if stage == "teacher":
