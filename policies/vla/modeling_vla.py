@@ -85,6 +85,9 @@ class VLAPolicy(Policy):
         self.tokenizer = ActionTokenizer(cfg.n_bins)
         d = cfg.d_model
         self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(), nn.Linear(d, d))
+        if cfg.text_tokens:
+            self.word_proj = nn.Linear(cfg.text_dim, d)
+            self.word_pos = nn.Parameter(torch.randn(cfg.text_tokens, d) * 0.02)
         n_tokens = 1
         self.state_proj = nn.ModuleList()
         if cfg.uses_state:
@@ -110,8 +113,9 @@ class VLAPolicy(Policy):
         """B strings -> (B, text_dim) frozen sentence embeddings on the policy's device."""
         return shared_encoder(self.config.text_encoder).encode(instructions).to(self.device)
 
-    def obs_tokens(self, obs: Mapping[str, Any]) -> Tensor:
-        """Observation dict -> (B, N, d_model) tokens (instruction, state segments, views), positions added.
+    def obs_tokens(self, obs: Mapping[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """Observation dict -> (B, N, d_model) tokens (instruction, state segments, views; positions added)
+        and the (B, N) mask of padding tokens (True: ignore; None without word tokens).
 
         ``obs``: image keys (B, To, [V,] H, W, 3) or (B, To, [V,] 3, H, W); ``state`` (B, To, Ds) in data
         units; ``instruction`` list of B strings.
@@ -120,8 +124,8 @@ class VLAPolicy(Policy):
         batch = self._batch_size(obs)
         if "instruction" not in obs:
             raise KeyError("a VLA needs obs['instruction'] (a list of B strings)")
-        text = self.embed_instructions(instruction_list(obs["instruction"], batch))
-        tokens = [self.text_proj(text).unsqueeze(1)]
+        texts = instruction_list(obs["instruction"], batch)
+        tokens = [self.text_proj(self.embed_instructions(texts)).unsqueeze(1)]
         if cfg.uses_state:
             state = torch.as_tensor(obs["state"]).to(self.device, torch.float32)
             state = self.normalizer.normalize("state", state)
@@ -136,8 +140,13 @@ class VLAPolicy(Policy):
                 flat = F.interpolate(flat, size=(cfg.image_size, cfg.image_size), mode="area")
             feats = self.vision_proj(self.vision(flat))  # (B * To * V, d)
             tokens.append(feats.view(batch, -1, cfg.d_model))
-        x = torch.cat(tokens, dim=1)
-        return x + self.obs_pos
+        x = torch.cat(tokens, dim=1) + self.obs_pos
+        if not cfg.text_tokens:
+            return x, None
+        hidden, valid = shared_encoder(cfg.text_encoder).encode_tokens(texts, cfg.text_tokens)
+        words = self.word_proj(hidden.to(self.device)) + self.word_pos
+        pad = torch.cat([~valid, torch.zeros(batch, x.shape[1], dtype=torch.bool)], dim=1).to(self.device)
+        return torch.cat([words, x], dim=1), pad
 
     def _batch_size(self, obs: Mapping[str, Any]) -> int:
         for key in self.config.obs_keys:
@@ -154,9 +163,13 @@ class VLAPolicy(Policy):
     def action_distribution(self, obs: Mapping[str, Any]) -> Tensor:
         """Observation dict -> (B, Ta, Da, n_bins) logits over normalised-action bins (differentiable)."""
         cfg = self.config
-        x = self.obs_tokens(obs)
+        x, pad = self.obs_tokens(obs)
         queries = self.action_queries.unsqueeze(0).expand(x.shape[0], -1, -1)
-        h = self.transformer(torch.cat([x, queries], dim=1))[:, -cfg.action_horizon:]
+        if pad is not None:
+            pad = torch.cat([pad, torch.zeros(x.shape[0], cfg.action_horizon, dtype=torch.bool,
+                                              device=pad.device)], dim=1)
+        h = self.transformer(torch.cat([x, queries], dim=1), src_key_padding_mask=pad)
+        h = h[:, -cfg.action_horizon:]
         return self.head(h).view(x.shape[0], cfg.action_horizon, cfg.action_dim, cfg.n_bins)
 
     def decode_logits(self, logits: Tensor, temperature: float = 0.0,

@@ -302,3 +302,18 @@ def test_sequence_windows_feed_the_vla_images_as_uint8_and_each_steps_instructio
     assert batch["action_is_pad"][1].tolist() == [False, True, True, True]  # episode 0 ends at step 4
     loss, _ = tiny_vla().compute_loss(batch)
     assert torch.isfinite(loss)
+
+
+def test_word_tokens_are_padded_per_instruction_and_saved(tmp_path):
+    """With ``text_tokens`` the word pieces of each instruction are tokens; padding never leaks: a sample's
+    logits do not depend on how long the other instructions of the batch are."""
+    policy = tiny_vla(text_tokens=12)
+    obs = obs_batch(2, instructions=[LEFT, "go"])
+    alone = policy.action_distribution({k: v[:1] if k != "instruction" else [LEFT] for k, v in obs.items()})
+    torch.testing.assert_close(policy.action_distribution(obs)[:1], alone)
+    short = policy.action_distribution({k: v[1:] if k != "instruction" else ["go"] for k, v in obs.items()})
+    torch.testing.assert_close(policy.action_distribution(obs)[1:], short)
+    swapped = policy.action_distribution({**obs, "instruction": ["go", LEFT]})
+    assert not torch.allclose(swapped[:1], alone)
+    path = policy.save_pretrained(tmp_path / "ckpt")
+    torch.testing.assert_close(load_policy(path)[0].action_distribution(obs), policy.action_distribution(obs))
