@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO_ROOT, write_results  # noqa: E402
 
-FULL = {"demos": 300, "steps": 3000, "batch_size": 64, "episodes": 10}
+FULL = {"demos": 300, "steps": 2500, "batch_size": 64, "episodes": 10}
 QUICK = {"demos": 20, "steps": 200, "batch_size": 32, "episodes": 2}
 IMAGE_SIZE = 64
 TEXT_TOKENS = 16
