@@ -105,7 +105,8 @@ def table(results: dict) -> str:
             verdict = "accept" if d["accepted"] else "reject"
             lines.append(f"| {task} | {d['iteration']} | {d['estimate']:.4f} ({d['best_before']:.4f}) | "
                          f"{verdict} | {success(ev.get(d['iteration']), 'not evaluated (rejected)')} |")
-        lines.append(f"| {task} | 1-step consistency head | - | - | {success(ev.get('consistency'))} |")
+        lines.append(f"| {task} | consistency head, 1 step | - | - | {success(ev.get('consistency'))} |")
+        lines.append(f"| {task} | consistency head, 2 steps | - | - | {success(ev.get('consistency_2'))} |")
         b = r["bad_update"]["decision"]
         gate = f"verdict {'accept' if b['gate_verdict'] else 'reject'}, accepted {b['accepted']}"
         lines.append(f"| {task} | injected bad update (advantage x -1), gate disabled | {b['estimate']:.4f} "

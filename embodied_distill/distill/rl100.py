@@ -752,9 +752,10 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
                                    meta={"stage": "final", "behaviour": progress.data["behaviour"]})
             progress.mark("consistency")
         policy = load_policy(run_dir / "checkpoint", device)[0]
-        if "consistency" not in progress.data["evals"]:
-            policy.set_sampler("consistency", consistency_steps=1)
-            evaluate(runner, policy, cfg, "consistency", progress, logger, step)
+        for k, name in ((1, "consistency"), (2, "consistency_2")):  # the 1-step head (and 2 steps)
+            if name not in progress.data["evals"]:
+                policy.set_sampler("consistency", consistency_steps=k)
+                evaluate(runner, policy, cfg, name, progress, logger, step)
         policy.set_sampler("ddim_eta", num_inference_steps=rcfg.num_inference_steps, eta=rcfg.eta,
                            min_std=rcfg.min_std)
         latency = {"ddim_eta": chunk_latency_ms(policy, demos["state"].shape[-1])}
@@ -779,7 +780,7 @@ def _final_report(progress: Progress) -> dict[str, Any]:
     """The behaviour policy's latest evaluation as the headline (train.py prints it), every stage's
     figures (the 1-step head's under ``evals["consistency"]``), the gate decisions and latencies."""
     evals = progress.data["evals"]
-    multi_step = [k for k in evals if k != "consistency"]
+    multi_step = [k for k in evals if not k.startswith("consistency")]
     last = evals[multi_step[-1]] if multi_step else {}
     return {**last, "evals": evals, "decisions": progress.data["decisions"],
             "latency_ms_per_action": progress.data.get("latency_ms_per_action")}

@@ -199,7 +199,7 @@ def test_rl100_end_to_end_smoke(tmp_path):
     state = json.loads((tmp_path / "run" / "rl100_state.json").read_text())
     assert [d["iteration"] for d in state["decisions"]] == ["offline_0", "online_0"]
     assert all(d["accepted"] for d in state["decisions"])  # gate disabled
-    assert set(state["evals"]) == {"stage1", "offline_0", "online_0", "consistency"}
+    assert set(state["evals"]) == {"stage1", "offline_0", "online_0", "consistency", "consistency_2"}
     assert set(report["latency_ms_per_action"]) == {"ddim_eta", "consistency"}
     store = rl100.EpisodeStore(tmp_path / "run" / "rl_data.zarr", mode="r")
     assert store.n_episodes == 4 and set(store.keys) == {"state", "action", "reward"}
