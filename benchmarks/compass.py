@@ -28,7 +28,7 @@ from _common import REPO_ROOT, write_results  # noqa: E402
 FULL = {
     "demos": 100,
     "base_steps": 5000,
-    "specialist_steps": 40_000,
+    "specialist_steps": 30_000,
     "data_episodes": 50,
     "dagger_rounds": 1,
     "dagger_episodes": 20,
