@@ -66,6 +66,9 @@ class Embodiment:
     """Demo source: ``scripted`` (pd_ee_delta_pose experts in sim/maniskill.py) or ``motionplanner``."""
     max_episode_steps: int = 50
     """Episode limit on this robot (training and evaluation)."""
+    action_relative_to_state: bool = False
+    """The policy predicts the action as an offset from the first Da state features (the joint positions):
+    for absolute joint-position control, where BC on the absolute targets is too coarse to grasp."""
 
     def __post_init__(self):
         if self.expert not in EXPERTS:
@@ -253,8 +256,8 @@ def load_demos(cfg: DictConfig, ccfg: CompassConfig) -> dict[str, dict[str, np.n
 def build_policy_from(ccfg: CompassConfig, dims: dict[str, tuple[int, int]], normalizer: Normalizer):
     from embodied_distill.policies.compass.modeling_compass import CompassPolicy, CompassPolicyConfig
 
-    embodiments = [{"name": e.name, "obs_dim": dims[e.name][0], "action_dim": dims[e.name][1]}
-                   for e in ccfg.embodiments]
+    embodiments = [{"name": e.name, "obs_dim": dims[e.name][0], "action_dim": dims[e.name][1],
+                    "action_relative_to_state": e.action_relative_to_state} for e in ccfg.embodiments]
     return CompassPolicy(CompassPolicyConfig(embodiments=embodiments, **ccfg.policy), normalizer)
 
 
@@ -263,16 +266,21 @@ def train_base(cfg: DictConfig, ccfg: CompassConfig, out: Path, device: torch.de
     if (ckpt / "meta.json").exists():
         return load_policy(ckpt)[0]
     demos = load_demos(cfg, ccfg)
-    stats = {f"{k}/{name}": v[k] for name, v in demos.items() for k in ("state", "action")}
-    normalizer = Normalizer.fit(stats, mode="limits", eps=0.01)
     dims = {n: (v["state"].shape[-1], v["action"].shape[-1]) for n, v in demos.items()}
+    relative = {e.name: e.action_relative_to_state for e in ccfg.embodiments}
+    stats = {}
+    for name, v in demos.items():
+        stats[f"state/{name}"] = v["state"]
+        stats[f"action/{name}"] = v["action"] - (v["state"][:, : dims[name][1]] if relative[name] else 0.0)
+    normalizer = Normalizer.fit(stats, mode="limits", eps=0.01)
     torch.manual_seed(int(cfg.seed))
     policy = build_policy_from(ccfg, dims, normalizer).to(device)
     parts = []
     for i, (name, d) in enumerate(demos.items()):
         parts.append({"embodiment": torch.full((len(d["state"]),), i),
                       "state": policy.normalize_state(name, torch.as_tensor(d["state"])).cpu(),
-                      "action": policy.normalize_action(name, torch.as_tensor(d["action"])).cpu()})
+                      "action": policy.normalize_action(name, torch.as_tensor(d["action"]),
+                                                        torch.as_tensor(d["state"])).cpu()})
     gen, logger = torch.Generator().manual_seed(int(cfg.seed)), MetricLogger(out)
     step = train_phase("compass_base", policy, policy.compute_loss, ccfg.base_steps, phase_cfg(cfg, ccfg),
                        BalancedData(parts), gen, out / "train_state", logger, device)
@@ -342,7 +350,8 @@ def distill_data(policy, ccfg: CompassConfig, data: dict[str, dict[str, np.ndarr
         log_std = (torch.as_tensor(d["std"]) * scale).clamp_min(ccfg.teacher_min_std).log()
         parts.append({"embodiment": torch.full((len(d["state"]),), idx),
                       "state": policy.normalize_state(name, torch.as_tensor(d["state"])).cpu(),
-                      "teacher_mean": policy.normalize_action(name, torch.as_tensor(d["mean"])).cpu(),
+                      "teacher_mean": policy.normalize_action(name, torch.as_tensor(d["mean"]),
+                                                              torch.as_tensor(d["state"])).cpu(),
                       "teacher_log_std": pad_features(log_std, policy.config.max_action_dim).cpu()})
     return BalancedData(parts)
 

@@ -24,7 +24,10 @@ class CompassPolicyConfig(PolicyConfig):
     """
 
     embodiments: tuple[dict[str, Any], ...] = ()
-    """``({"name": str, "obs_dim": int, "action_dim": int}, ...)`` in code order (index = one-hot slot)."""
+    """``({"name": str, "obs_dim": int, "action_dim": int, "action_relative_to_state": bool}, ...)`` in
+    code order (index = one-hot slot). ``action_relative_to_state`` (default false): the network predicts
+    the action minus the first ``action_dim`` state features (absolute joint targets as offsets from the
+    joint positions, which the state starts with)."""
     embodiment: str = ""
     """The embodiment this instance acts as in ``predict_action_chunk`` / ``select_action``
     (default: the first). Training batches carry their own embodiment indices."""

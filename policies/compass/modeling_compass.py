@@ -97,15 +97,28 @@ class CompassPolicy(Policy):
         state = self.normalizer.normalize(f"state/{name}", state.float())
         return pad_features(state, self.config.max_obs_dim)
 
-    def normalize_action(self, name: str, action: Tensor) -> Tensor:
-        """(..., Da_e) env units -> (..., max_action_dim) normalised, padded with zeros."""
-        return pad_features(self.normalizer.normalize(f"action/{name}", action.float()),
-                            self.config.max_action_dim)
+    def action_offset(self, name: str, state: Tensor | None) -> Tensor | float:
+        """What the network's action is relative to: the first ``Da_e`` state features (the joint
+        positions) for an embodiment with ``action_relative_to_state`` (absolute joint-position control),
+        else 0. ``state`` (..., Ds_e) in env units."""
+        spec = self.config.spec(name)
+        if not spec.get("action_relative_to_state", False):
+            return 0.0
+        if state is None:
+            raise ValueError(f"{name} predicts actions relative to its state: pass the state")
+        return state[..., : int(spec["action_dim"])].float()
 
-    def unnormalize_action(self, name: str, action: Tensor) -> Tensor:
-        """(..., max_action_dim) normalised -> (..., Da_e) in embodiment ``name``'s units."""
+    def normalize_action(self, name: str, action: Tensor, state: Tensor | None = None) -> Tensor:
+        """(..., Da_e) env units (and the state (..., Ds_e) they were taken in) -> (..., max_action_dim)
+        normalised, padded with zeros."""
+        rel = action.float() - self.action_offset(name, state)
+        return pad_features(self.normalizer.normalize(f"action/{name}", rel), self.config.max_action_dim)
+
+    def unnormalize_action(self, name: str, action: Tensor, state: Tensor | None = None) -> Tensor:
+        """(..., max_action_dim) normalised (and the state (..., Ds_e)) -> (..., Da_e) in ``name``'s units."""
         da = int(self.config.spec(name)["action_dim"])
-        return self.normalizer.unnormalize(f"action/{name}", action[..., :da])
+        offset = self.action_offset(name, state)
+        return self.normalizer.unnormalize(f"action/{name}", action[..., :da]) + offset
 
     def distribution(self, state: Tensor, emb: Tensor) -> tuple[Tensor, Tensor]:
         """Padded normalised states (B, Do) and indices (B,) -> (mean (B, Da), log_std (Da,)),
@@ -137,7 +150,7 @@ class CompassPolicy(Policy):
     def predict_action_chunk(self, obs: dict[str, Tensor]) -> Tensor:
         """``{"state": (B, 1, Ds_e)}`` -> (B, 1, Da_e) mean actions in this embodiment's units."""
         chunk = self._predict_normalized_chunk(self.stack_obs(obs))
-        return self.unnormalize_action(self.config.embodiment, chunk)
+        return self.unnormalize_action(self.config.embodiment, chunk, obs["state"][:, -1:].to(chunk.device))
 
     @torch.no_grad()
     def action_distribution(self, obs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -145,7 +158,9 @@ class CompassPolicy(Policy):
         mean, log_std = self.distribution(self.stack_obs(obs)[:, -1], self._emb(obs["state"].shape[0]))
         name, da = self.config.embodiment, self.config.action_dim
         scale = self.normalizer.params[f"action/{name}"]["scale"].to(mean)
-        return self.unnormalize_action(name, mean), (log_std[:da].exp() / scale).expand(mean.shape[0], da)
+        state = obs["state"][:, -1].to(mean.device)
+        std = (log_std[:da].exp() / scale).expand(mean.shape[0], da)
+        return self.unnormalize_action(name, mean, state), std
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """Behaviour cloning on a mixed-embodiment batch (already normalised and padded):

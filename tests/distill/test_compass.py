@@ -359,3 +359,31 @@ def test_cli_compass_tiny_budget_runs_all_stages(tmp_path):
     assert (run / "generalist" / "data_round1.npz").exists()
     gen = load_policy(run / "generalist" / "checkpoint")[0]
     assert gen.config.names == ["panda", "so100"]
+
+
+def test_actions_relative_to_the_joint_positions_round_trip():
+    """An embodiment with ``action_relative_to_state`` predicts offsets from its first Da state features."""
+    torch.manual_seed(0)
+    emb = [
+        {"name": "panda", "obs_dim": 42, "action_dim": 7},
+        {"name": "so100", "obs_dim": 36, "action_dim": 6, "action_relative_to_state": True},
+    ]
+    pol = CompassPolicy(
+        CompassPolicyConfig(embodiments=emb, hidden_dims=(32,), embodiment="so100"),
+        _normalizer({"panda": (42, 7), "so100": (36, 6)}),
+    ).eval()
+    state, action = torch.randn(4, 36), torch.randn(4, 6)
+    norm = pol.normalize_action("so100", action, state)
+    p = pol.normalizer.params["action/so100"]
+    torch.testing.assert_close(norm[:, :6], (action - state[:, :6] - p["offset"]) * p["scale"])
+    torch.testing.assert_close(pol.unnormalize_action("so100", norm, state), action)
+    net = pol.distribution(pol.normalize_state("so100", state), torch.ones(4, dtype=torch.long))[0]
+    chunk = pol.predict_action_chunk({"state": state[:, None]})
+    torch.testing.assert_close(chunk[:, 0], net[:, :6] / p["scale"] + p["offset"] + state[:, :6])
+    with pytest.raises(ValueError, match="pass the state"):
+        pol.unnormalize_action("so100", norm)
+    # an absolute embodiment ignores the state
+    torch.testing.assert_close(
+        pol.normalize_action("panda", torch.zeros(2, 7), torch.randn(2, 42)),
+        pol.normalize_action("panda", torch.zeros(2, 7)),
+    )
