@@ -137,6 +137,68 @@ def stage_init(teacher, runner, cfg, work: Path) -> None:
     print(f"[bench] init student: {per_task}, warm start {warm}")
 
 
+def stage_probe(teacher, runner, cfg, work: Path) -> None:
+    """Teacher-driven decision points, one episode per task (evaluation state 100000): the fixed states on
+    which every student's KL(S || T) and argmax agreement with the teacher are measured."""
+    from safetensors.torch import save_file
+
+    from embodied_distill.distill.vla_opd import rollout, steps_limit
+
+    tensors, instructions = {}, {}
+    for i, spec in enumerate(runner.specs):
+        venv = runner.make_vec_env(1, task_index=i)
+        try:
+            d, _ = rollout(venv, teacher, teacher, [100_000], steps_limit(runner, i, cfg), driver="teacher")
+        finally:
+            venv.close()
+        tensors.update({f"{spec.name}/{k}": v.contiguous() for k, v in d.tensors().items()})
+        instructions[spec.name] = d.instruction
+    save_file(tensors, str(work / "probe.safetensors"))
+    (work / "probe.json").write_text(json.dumps(instructions))
+    print(f"[bench] probe: {sum(len(v) for v in instructions.values())} teacher decision points")
+
+
+@torch.no_grad()
+def probe_scores(work: Path, students: dict) -> dict:
+    """``{student: {task: {"reverse_kl", "agreement"}}}`` on the probe decision points: the mean per-token
+    KL(S || T) (loss core) and the share of tokens whose argmax bin equals the teacher's."""
+    from safetensors.torch import load_file
+
+    from embodied_distill.distill.vla_opd import Decisions
+    from embodied_distill.losses import reverse_kl
+
+    tensors = load_file(str(work / "probe.safetensors"))
+    instructions = json.loads((work / "probe.json").read_text())
+    out = {}
+    for name, student in students.items():
+        student.eval()
+        out[name] = {}
+        for task, instr in instructions.items():
+            d = Decisions.from_tensors({k.split("/", 1)[1]: v for k, v in tensors.items()
+                                        if k.startswith(task + "/")}, instr)
+            logits = student.action_distribution(d.student_obs())
+            agree = (logits.argmax(-1) == d.teacher_logits.argmax(-1)).float().mean()
+            out[name][task] = {"reverse_kl": float(reverse_kl(logits, d.teacher_logits)),
+                               "agreement": float(agree)}
+    return out
+
+
+def trained_students(work: Path) -> dict:
+    """The warm-started student and each finished method's final weights (from its training state)."""
+    from embodied_distill.policies.base import load_policy
+
+    from embodied_distill.checkpoint import load_train_state
+
+    init = json.loads((work / "init.json").read_text())
+    students = {"init": load_policy(init["checkpoint"])[0]}
+    for m in METHODS:
+        if (work / f"{m}.json").exists():
+            student = load_policy(init["checkpoint"])[0]
+            student.load_state_dict(load_train_state(work / f"{m}_state")["model"])
+            students[m] = student
+    return students
+
+
 def stage_method(name: str, teacher, runner, cfg, work: Path) -> None:
     from embodied_distill.policies.base import load_policy
 
@@ -203,6 +265,10 @@ def report(work: Path, info: dict, budget: dict, cfg, quick: bool, out_dir: Path
                 success_held_out=_mean(init["per_task"], other))
     runs = {m: json.loads((work / f"{m}.json").read_text()) for m in METHODS if (work / f"{m}.json").exists()}
     missing = [m for m in METHODS if m not in runs]
+    probe = probe_scores(work, trained_students(work)) if (work / "probe.json").exists() else {}
+
+    def probe_mean(student: str, names: list[str], key: str) -> float | None:
+        return float(np.mean([probe[student][n][key] for n in names])) if student in probe else None
     rows = []
     for name, res in runs.items():
         end = res["curve"][-1]
@@ -214,7 +280,9 @@ def report(work: Path, info: dict, budget: dict, cfg, quick: bool, out_dir: Path
                      "mean_train_entropy": float(np.mean(ents)) if ents else None,
                      "final_train_entropy": ents[-1] if ents else None,
                      "mean_rollout_entropy": float(np.mean(roll)) if roll else None,
-                     "final_reverse_kl": end.get("train_reverse_kl"), "wall_s": end["wall_s"]})
+                     "final_reverse_kl": end.get("train_reverse_kl"), "wall_s": end["wall_s"],
+                     **{f"probe_{k}_{part}": probe_mean(name, names, k) for k in ("reverse_kl", "agreement")
+                        for part, names in (("train", train_names), ("held_out", other))}})
     by = {r["method"]: r for r in rows}
     targets = {}
     if "reverse_kl_opd" in by and "offpolicy_sft" in by:
@@ -222,12 +290,16 @@ def report(work: Path, info: dict, budget: dict, cfg, quick: bool, out_dir: Path
         targets["reverse_kl_opd >= offpolicy_sft at equal teacher queries"] = {
             "reverse_kl_opd": r["success_train"], "offpolicy_sft": s["success_train"],
             "queries": [r["teacher_queries"], s["teacher_queries"]],
-            "met": r["success_train"] >= s["success_train"]}
+            "met": r["success_train"] >= s["success_train"] if t_train > 0 else None}
+        if probe:
+            targets["reverse_kl_opd KL(S||T) <= offpolicy_sft's on teacher states of the trained tasks"] = {
+                "reverse_kl_opd": r["probe_reverse_kl_train"], "offpolicy_sft": s["probe_reverse_kl_train"],
+                "met": r["probe_reverse_kl_train"] <= s["probe_reverse_kl_train"]}
     if "reverse_kl_opd" in by:
         gap = t_train - by["reverse_kl_opd"]["success_train"]
         targets["student within 10 points of the teacher (trained tasks)"] = {
             "teacher": t_train, "student": by["reverse_kl_opd"]["success_train"], "gap_points": 100 * gap,
-            "met": gap <= 0.10}
+            "met": gap <= 0.10 if t_train > 0 else None}
     name = "vla_opd_quick" if quick else "vla_opd"
     out = Path(out_dir) if out_dir else DEFAULT_OUT
     out.mkdir(parents=True, exist_ok=True)
@@ -239,30 +311,41 @@ def report(work: Path, info: dict, budget: dict, cfg, quick: bool, out_dir: Path
              f"first success. Budget per method: {cfg.teacher_query_budget} teacher queries (decision "
              "points).", "",
              "| policy | teacher queries | env steps | success (trained) | success (held out) | "
-             "held-out change | mean token entropy (train / rollout) | final KL(S‖T) | wall s |",
-             "|---|---|---|---|---|---|---|---|---|",
+             "held-out change | mean token entropy (train / rollout) | KL(S‖T) on teacher states (trained / "
+             "held out) | argmax agreement (trained / held out) | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|",
              f"| teacher (frozen, {teacher['params']} params) | - | - | {f(t_train)} | {f(t_other)} | "
-             "- | - | - | - |",
+             "- | - | - | 1.00 / 1.00 | - |",
              f"| student after warm start (SFT on {init['warm_start']['sft_decisions']} teacher decisions) | "
              f"{init['warm_start']['sft_teacher_queries']} | {init['warm_start']['sft_env_steps']} | "
-             f"{f(init['success_train'])} | {f(init['success_held_out'])} | - | - | - | "
+             f"{f(init['success_train'])} | {f(init['success_held_out'])} | - | - | "
+             f"{f(probe_mean('init', train_names, 'reverse_kl'))} / "
+             f"{f(probe_mean('init', other, 'reverse_kl'))} | "
+             f"{f(probe_mean('init', train_names, 'agreement'))} / "
+             f"{f(probe_mean('init', other, 'agreement'))} | "
              f"{f(init['warm_start']['wall_s'])} |"]
     for r in rows:
         lines.append(f"| {LABELS[r['method']]} | {r['teacher_queries']} | {r['env_steps']} | "
                      f"{f(r['success_train'])} | {f(r['success_held_out'])} | {f(r['held_out_change'])} | "
                      f"{f(r['mean_train_entropy'])} / {f(r['mean_rollout_entropy'])} | "
-                     f"{f(r['final_reverse_kl'])} | {r['wall_s']:.0f} |")
+                     f"{f(r['probe_reverse_kl_train'])} / {f(r['probe_reverse_kl_held_out'])} | "
+                     f"{f(r['probe_agreement_train'])} / {f(r['probe_agreement_held_out'])} | "
+                     f"{r['wall_s']:.0f} |")
     lines += ["", "Method rows start from the warm-started student; their queries and env steps exclude the "
-              "warm start.", ""]
+              "warm start. KL(S‖T) (per action token, nats) and argmax agreement are measured on fixed "
+              "teacher-driven decision points (one teacher episode per task, evaluation state 100000).", ""]
     for k, v in targets.items():
-        lines.append(f"- {k}: {'met' if v['met'] else 'MISSED'} ({json.dumps(v)})")
+        verdict = ("not measurable: the teacher never succeeds on the trained tasks" if v["met"] is None
+                   else "met" if v["met"] else "MISSED")
+        lines.append(f"- {k}: {verdict} ({json.dumps(v)})")
     if missing:
         lines.append(f"- not run: {', '.join(missing)}")
     payload = {"suite": info.get("suite"), "teacher_checkpoint": info["checkpoint"], "quick": quick,
                "budget": budget, "student_overrides": STUDENT, "train_tasks": train_names,
                "held_out_tasks": other,
                "teacher": teacher, "init": init, "rows": rows, "runs": runs, "targets": targets,
-               "missing": missing, "eval_seeds": f"100000..{100000 + cfg.eval_episodes - 1} per task",
+               "missing": missing, "probe": probe,
+               "eval_seeds": f"100000..{100000 + cfg.eval_episodes - 1} per task",
                "wall_s_total": sum(r["wall_s"] for r in rows) + init["warm_start"]["wall_s"]
                + teacher["wall_s"]}
     path = write_results(name, payload, "\n".join(lines), out)
@@ -274,7 +357,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one trained task, tiny budgets (minutes)")
     ap.add_argument("--stage", default=["all"], nargs="+",
-                    choices=["all", "teacher", "init", *METHODS, "report"], help="stages to run, in order")
+                    choices=["all", "teacher", "init", "probe", *METHODS, "report"],
+                    help="stages to run, in order")
     ap.add_argument("--redo", action="store_true", help="rerun stages whose results already exist")
     ap.add_argument("--teacher", default=None, help="teacher VLA checkpoint (default: vla_teacher.json's)")
     ap.add_argument("--suite", default="libero_spatial", help="suite when vla_teacher.json names none")
@@ -282,9 +366,9 @@ def main() -> None:
     args = ap.parse_args()
     teacher, runner, info, budget, work, cfg = setup(args)
     every = args.stage == ["all"]
-    stages = ["teacher", "init", *METHODS, "report"] if every else args.stage
+    stages = ["teacher", "init", "probe", *METHODS, "report"] if every else args.stage
     for stage in stages:
-        done = {"teacher": work / "teacher.json", "init": work / "init.json",
+        done = {"teacher": work / "teacher.json", "init": work / "init.json", "probe": work / "probe.json",
                 **{m: work / f"{m}.json" for m in METHODS}}.get(stage)
         if not args.redo and done is not None and done.exists():
             print(f"[bench] {stage}: done ({done})")
@@ -293,6 +377,8 @@ def main() -> None:
             stage_teacher(teacher, runner, cfg, work)
         elif stage == "init":
             stage_init(teacher, runner, cfg, work)
+        elif stage == "probe":
+            stage_probe(teacher, runner, cfg, work)
         elif stage == "report":
             report(work, info, budget, cfg, args.quick, args.out)
         else:
