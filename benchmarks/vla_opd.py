@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -103,7 +104,11 @@ def setup(args) -> tuple:
                        student_overrides=STUDENT, student_init_from_teacher=("vision",),
                        teacher_query_budget=budget["budget"], eval_every=budget["eval_every"],
                        eval_episodes=budget["eval_episodes"], eval_at_start=False, lr=3e-4)
-    work = REPO_ROOT / "outputs" / ("bench_vla_opd_quick" if args.quick else "bench_vla_opd") / suite
+    # results are kept per teacher (a retrained teacher at the same path must not reuse them)
+    fingerprint = hashlib.sha1((Path(info["checkpoint"]) / "model.safetensors").read_bytes()).hexdigest()[:10]
+    info["teacher_sha1"] = fingerprint
+    work = (REPO_ROOT / "outputs" / ("bench_vla_opd_quick" if args.quick else "bench_vla_opd") / suite
+            / f"teacher-{fingerprint}")
     work.mkdir(parents=True, exist_ok=True)
     return teacher, runner, info, budget, work, cfg
 
@@ -340,7 +345,8 @@ def report(work: Path, info: dict, budget: dict, cfg, quick: bool, out_dir: Path
         lines.append(f"- {k}: {verdict} ({json.dumps(v)})")
     if missing:
         lines.append(f"- not run: {', '.join(missing)}")
-    payload = {"suite": info.get("suite"), "teacher_checkpoint": info["checkpoint"], "quick": quick,
+    payload = {"suite": info.get("suite"), "teacher_checkpoint": info["checkpoint"],
+               "teacher_sha1": info.get("teacher_sha1"), "quick": quick,
                "budget": budget, "student_overrides": STUDENT, "train_tasks": train_names,
                "held_out_tasks": other,
                "teacher": teacher, "init": init, "rows": rows, "runs": runs, "targets": targets,
