@@ -2,13 +2,18 @@
 
 Episode ``k`` is always rolled out with seed ``seed_start + k'`` in increasing order, results are
 appended in seed order, failed episodes are counted and dropped, and a rerun after a crash continues
-from the seed after the last stored one.
+from the seed after the last stored one. Worker ``w`` of ``W`` always rolls out the seeds ``w, w + W,
+...`` (``striped_imap``), so what each worker's env ran before an episode does not depend on process
+scheduling: a simulator that keeps state across resets (PhysX's contact caches do) still gives the
+same demo set on every run with the same number of workers.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
-from collections.abc import Callable, Mapping
+import queue
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,54 @@ def _init_worker(make_env: Callable[[], Any]) -> None:
 def _run(args):
     episode_fn, seed = args
     return episode_fn(_ENV, seed)
+
+
+def _striped_worker(fn: Callable[[Any], Any], items: Sequence[Any], out, initializer: Callable[..., None],
+                    initargs: tuple) -> None:
+    try:
+        initializer(*initargs)
+        for item in items:
+            out.put(("ok", fn(item)))
+    except BaseException:  # report to the parent instead of dying silently
+        out.put(("error", traceback.format_exc()))
+
+
+def striped_imap(fn: Callable[[Any], Any], items: Sequence[Any], num_workers: int,
+                 initializer: Callable[..., None], initargs: tuple = ()) -> Iterator[Any]:
+    """``fn(item)`` for each item, yielded in order, computed by ``num_workers`` forkserver processes.
+
+    Unlike ``Pool.imap``, worker ``w`` always handles items ``w, w + W, w + 2W, ...`` in order (each
+    worker prefetches at most two results), so each worker's history is fixed by ``items`` and ``W``.
+    Workers start with ``initializer(*initargs)``; an exception in a worker is raised here with its
+    traceback; the workers are stopped when the caller stops iterating.
+    """
+    ctx = mp.get_context("forkserver")
+    n = max(1, min(int(num_workers), len(items)))
+    queues = [ctx.Queue(maxsize=2) for _ in range(n)]
+    procs = [ctx.Process(target=_striped_worker, args=(fn, items[w::n], queues[w], initializer, initargs),
+                         daemon=True) for w in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        for i in range(len(items)):
+            w = i % n
+            while True:
+                try:
+                    status, value = queues[w].get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    if not procs[w].is_alive():
+                        code = procs[w].exitcode
+                        raise RuntimeError(f"worker {w} died (exit code {code}) before item {i}") from None
+            if status == "error":
+                raise RuntimeError(f"worker {w} failed on item {i}:\n{value}")
+            yield value
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join()
 
 
 def open_demo_store(store_path: str | Path, attrs: Mapping[str, Any] | None, seed_start: int
@@ -75,19 +128,16 @@ def collect_demos(store_path: str | Path, make_env: Callable[[], Any],
     max_attempts = int(np.ceil(todo * max_attempts_factor))
     seeds = range(next_seed, next_seed + max_attempts)
     bar = progress(total=n_episodes, initial=have, desc=desc, unit="ep")
-    ctx = mp.get_context("forkserver")
-    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(make_env,)) as pool:
-        for ep in pool.imap(_run, ((episode_fn, s) for s in seeds)):
-            summary["attempted"] += 1
-            if ep["success"] and len(ep["action"]) > 0:
-                summary["successes"] += 1
-                store.add_episode({"state": ep["state"], "action": ep["action"]}, meta={"seed": ep["seed"]})
-                bar.update(1)
-                if store.n_episodes >= n_episodes:
-                    break
-            rate = summary["successes"] / summary["attempted"]
-            bar.set_postfix(expert_success=f"{rate:.2f}", refresh=False)
-        pool.terminate()
+    for ep in striped_imap(_run, [(episode_fn, s) for s in seeds], num_workers, _init_worker, (make_env,)):
+        summary["attempted"] += 1
+        if ep["success"] and len(ep["action"]) > 0:
+            summary["successes"] += 1
+            store.add_episode({"state": ep["state"], "action": ep["action"]}, meta={"seed": ep["seed"]})
+            bar.update(1)
+            if store.n_episodes >= n_episodes:
+                break
+        rate = summary["successes"] / summary["attempted"]
+        bar.set_postfix(expert_success=f"{rate:.2f}", refresh=False)
     bar.close()
     summary["stored"] = store.n_episodes
     if store.n_episodes < n_episodes:

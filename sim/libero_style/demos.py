@@ -12,14 +12,13 @@ Episodes are recorded LIBERO-style: they end ``tail_steps`` control steps after 
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from embodied_distill.data.collect import open_demo_store
+from embodied_distill.data.collect import open_demo_store, striped_imap
 from embodied_distill.progress import progress
 
 EVAL_SEED_START = 100_000
@@ -162,12 +161,9 @@ def collect_demos(store_path: str | Path, setup: Mapping[str, Any], n_episodes: 
         finally:
             _set_up({})
     else:
-        ctx = mp.get_context("forkserver")
-        with ctx.Pool(num_workers, initializer=_init_worker, initargs=(dict(setup),)) as pool:
-            for ep in pool.imap(_episode, seeds):
-                if consume(ep):
-                    break
-            pool.terminate()
+        for ep in striped_imap(_episode, seeds, num_workers, _init_worker, (dict(setup),)):
+            if consume(ep):
+                break
     bar.close()
     summary["stored"] = store.n_episodes
     summary["per_task_success"] = {setup["specs"][i].name: f"{won[i]}/{tried[i]}" for i in range(n_tasks)
