@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from embodied_distill.checkpoint import load_checkpoint, save_checkpoint
 from embodied_distill.data.normalizer import Normalizer
+from embodied_distill.dataclass_config import dataclass_from_cfg
 
 # name -> (module, policy class, config class); imported lazily so optional deps stay optional
 POLICY_REGISTRY: dict[str, tuple[str, str, str]] = {
@@ -73,12 +74,9 @@ def policy_classes(name: str) -> tuple[type[Policy], type[PolicyConfig]]:
 
 def config_from_dict(cfg_cls: type[PolicyConfig], values: dict[str, Any]) -> PolicyConfig:
     """Build a config dataclass from a dict, ignoring Hydra keys; unknown fields are an error."""
-    names = {f.name for f in dataclasses.fields(cfg_cls)}
-    values = {k: v for k, v in values.items() if k not in ("_target_", "name")}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{cfg_cls.__name__} has no field(s) {unknown}; valid fields: {sorted(names)}")
-    return cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()
+              if k not in ("_target_", "name")}
+    return dataclass_from_cfg(cfg_cls, values, cfg_cls.__name__)
 
 
 class Policy(nn.Module):

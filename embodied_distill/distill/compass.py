@@ -41,6 +41,7 @@ from torch import Tensor
 
 from embodied_distill.data.episode_store import EpisodeStore
 from embodied_distill.data.normalizer import Normalizer
+from embodied_distill.dataclass_config import dataclass_from_cfg
 from embodied_distill.distill.bc import train_phase
 from embodied_distill.distill.rpd import RPDConfig
 from embodied_distill.logging import MetricLogger
@@ -142,12 +143,7 @@ class CompassConfig:
 
     @classmethod
     def from_cfg(cls, dcfg: DictConfig | dict) -> CompassConfig:
-        values = OmegaConf.to_container(dcfg, resolve=True) if isinstance(dcfg, DictConfig) else dict(dcfg)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"distill config has unknown field(s) {unknown}; valid: {sorted(names)}")
-        return cls(**values)
+        return dataclass_from_cfg(cls, dcfg, "distill config")
 
 
 # ---------------------------------------------------------------------------- helpers

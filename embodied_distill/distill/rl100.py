@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from embodied_distill.data.episode_store import EpisodeStore
+from embodied_distill.dataclass_config import dataclass_from_cfg
 from embodied_distill.distill.bc import (
     build_student,
     demo_store_path,
@@ -172,13 +173,7 @@ class RL100Config:
 
     @classmethod
     def from_cfg(cls, values: DictConfig | dict | None) -> RL100Config:
-        values = OmegaConf.to_container(values, resolve=True) if isinstance(values, DictConfig) \
-            else dict(values or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"distill.rl has unknown field(s) {unknown}; valid: {sorted(names)}")
-        return cls(**values)
+        return dataclass_from_cfg(cls, values, "distill.rl")
 
 
 # ---------------------------------------------------------------------------- chunk-level data

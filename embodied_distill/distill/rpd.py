@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from embodied_distill.checkpoint import load_train_state, save_train_state
+from embodied_distill.dataclass_config import dataclass_from_cfg
 from embodied_distill.logging import MetricLogger
 from embodied_distill.losses import (
     clipped_value_loss,
@@ -135,12 +136,7 @@ class RPDConfig:
 
     @classmethod
     def from_cfg(cls, dcfg: DictConfig | dict) -> RPDConfig:
-        values = OmegaConf.to_container(dcfg, resolve=True) if isinstance(dcfg, DictConfig) else dict(dcfg)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"distill config has unknown field(s) {unknown}; valid: {sorted(names)}")
-        return cls(**values)
+        return dataclass_from_cfg(cls, dcfg, "distill config")
 
 
 # ---------------------------------------------------------------------------- the loss

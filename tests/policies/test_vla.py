@@ -110,7 +110,7 @@ def test_config_checks():
         VLAPolicyConfig(d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="n_action_steps"):
         VLAPolicyConfig(action_horizon=4, n_action_steps=5)
-    with pytest.raises(ValueError, match="no field"):
+    with pytest.raises(ValueError, match="unknown field"):
         tiny_vla(d_modell=8)
 
 
