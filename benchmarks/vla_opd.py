@@ -234,7 +234,7 @@ def plot(runs: dict, init: dict, teacher_train: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.2))
     for name, res in runs.items():
         pts = [p for p in res["curve"] if "success_train" in p]
         start = {"teacher_queries": 0, "env_steps": 0, "success_train": init["success_train"]}
@@ -246,6 +246,8 @@ def plot(runs: dict, init: dict, teacher_train: float, path: Path) -> None:
         ent = [p for p in res["curve"] if "train_entropy" in p]
         axes[2].plot([p["teacher_queries"] for p in ent], [p["train_entropy"] for p in ent],
                      label=LABELS[name])
+        axes[3].plot([p["teacher_queries"] for p in ent], [p["train_reverse_kl"] for p in ent],
+                     label=LABELS[name])
     for ax in axes[:2]:
         ax.axhline(teacher_train, color="k", ls="--", lw=1, label="teacher")
         ax.set_ylabel("success (trained tasks)")
@@ -254,13 +256,16 @@ def plot(runs: dict, init: dict, teacher_train: float, path: Path) -> None:
     axes[1].set_xlabel("env steps")
     axes[2].set_xlabel("teacher queries")
     axes[2].set_ylabel("mean student token entropy (nats)")
+    axes[3].set_xlabel("teacher queries")
+    axes[3].set_ylabel("KL(S||T) per token on the replayed batches (nats)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def report(work: Path, info: dict, budget: dict, cfg, quick: bool, out_dir: Path | None) -> None:
+def report(work: Path, info: dict, budget: dict, cfg, quick: bool, out_dir: Path | None,
+           note: str | None = None) -> None:
     teacher = json.loads((work / "teacher.json").read_text())
     init = json.loads((work / "init.json").read_text())
     train_names = list(cfg.train_tasks)
@@ -345,12 +350,14 @@ def report(work: Path, info: dict, budget: dict, cfg, quick: bool, out_dir: Path
         lines.append(f"- {k}: {verdict} ({json.dumps(v)})")
     if missing:
         lines.append(f"- not run: {', '.join(missing)}")
+    if note:
+        lines += ["", f"Note: {note}"]
     payload = {"suite": info.get("suite"), "teacher_checkpoint": info["checkpoint"],
                "teacher_sha1": info.get("teacher_sha1"), "quick": quick,
                "budget": budget, "student_overrides": STUDENT, "train_tasks": train_names,
                "held_out_tasks": other,
                "teacher": teacher, "init": init, "rows": rows, "runs": runs, "targets": targets,
-               "missing": missing, "probe": probe,
+               "missing": missing, "probe": probe, "note": note,
                "eval_seeds": f"100000..{100000 + cfg.eval_episodes - 1} per task",
                "wall_s_total": sum(r["wall_s"] for r in rows) + init["warm_start"]["wall_s"]
                + teacher["wall_s"]}
@@ -366,6 +373,7 @@ def main() -> None:
                     choices=["all", "teacher", "init", "probe", *METHODS, "report"],
                     help="stages to run, in order")
     ap.add_argument("--redo", action="store_true", help="rerun stages whose results already exist")
+    ap.add_argument("--note", default=None, help="a sentence added to the report (e.g. why a run is partial)")
     ap.add_argument("--teacher", default=None, help="teacher VLA checkpoint (default: vla_teacher.json's)")
     ap.add_argument("--suite", default="libero_spatial", help="suite when vla_teacher.json names none")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
@@ -386,7 +394,7 @@ def main() -> None:
         elif stage == "probe":
             stage_probe(teacher, runner, cfg, work)
         elif stage == "report":
-            report(work, info, budget, cfg, args.quick, args.out)
+            report(work, info, budget, cfg, args.quick, args.out, args.note)
         else:
             stage_method(stage, teacher, runner, cfg, work)
 
