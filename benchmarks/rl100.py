@@ -137,6 +137,7 @@ def main() -> None:
     torch.set_num_threads(1)
     work = Path(args.work) / ("quick" if args.quick else "full")
     t0 = time.time()
+    done = []
     for task in args.tasks:
         overrides = list(QUICK if args.quick else FULL[task])
         if task == "pickcube" and args.pickcube_stage1 and not args.quick:
@@ -145,24 +146,31 @@ def main() -> None:
                 shutil.copytree(args.pickcube_stage1, stage1)
             overrides.append(f"distill.rl.stage1_checkpoint={stage1}")
         main_dir, bad_dir = work / task, work / f"{task}_bad_update"
-        if not run_piece(task, main_dir, overrides, args.budget_s - (time.time() - t0)):
+        complete = run_piece(task, main_dir, overrides, args.budget_s - (time.time() - t0))
+        if complete:
+            bad = [o for o in overrides if not o.startswith("distill.rl.offline_iterations")] + BAD + [
+                f"distill.rl.stage1_checkpoint={main_dir / 'policies' / 'stage1'}",
+                f"distill.rl.offline_from={main_dir}"]
+            complete = run_piece(task, bad_dir, bad, args.budget_s - (time.time() - t0))
+        if not complete:
             print("[bench] budget used; rerun to continue", flush=True)
-            return
-        bad = [o for o in overrides if not o.startswith("distill.rl.offline_iterations")] + BAD + [
-            f"distill.rl.stage1_checkpoint={main_dir / 'policies' / 'stage1'}",
-            f"distill.rl.offline_from={main_dir}"]
-        if not run_piece(task, bad_dir, bad, args.budget_s - (time.time() - t0)):
-            print("[bench] budget used; rerun to continue", flush=True)
-            return
-    results = {task: task_result(work / task, work / f"{task}_bad_update") for task in args.tasks}
+            break
+        done.append(task)
+        write(done, [t for t in args.tasks if t not in done], work, args)  # results so far
+
+
+def write(done: list[str], missing: list[str], work: Path, args) -> None:
+    results = {task: task_result(work / task, work / f"{task}_bad_update") for task in done}
     md = table(results)
     header = (f"RL-100 benchmark ({'quick' if args.quick else 'full'}); success = ManiSkill success at "
               f"the end of 50-step episodes on unseen seeds 100000+. {args.note}")
+    if missing:
+        header += f" Not run yet: {', '.join(missing)}."
     name = "rl100_quick" if args.quick else "rl100"
-    write_results(name, {"quick": args.quick, "tasks": args.tasks, "results": results,
+    write_results(name, {"quick": args.quick, "tasks": done, "missing_tasks": missing, "results": results,
                          "settings": {"common": COMMON, "full": FULL, "quick": QUICK, "bad_update": BAD},
                          "note": args.note}, header + "\n\n" + md, args.out)
-    print(md)
+    print(md, flush=True)
 
 
 if __name__ == "__main__":
