@@ -194,6 +194,42 @@ def stage_remote(suite: str, checkpoint: Path, store: Path, n: int = 64) -> dict
             "local_ms_per_batch": local_ms, "remote_ms_per_batch": remote_ms}
 
 
+# ------------------------------------------------------------------------------------------ 5. diagnosis
+def stage_sensitivity(checkpoint: Path, store: Path, every: int = 3) -> dict:
+    """How much the instruction moves the predicted xy action on the teacher's own training demos: every
+    ``every``-th demo at steps 0-1 (the arm at home: only the instruction names the target) and 8, 16
+    (the arm already moving toward it). Prints |predicted - expert| and |prediction with the next task's
+    instruction - prediction| (first action, xy), next to the expert's mean |xy|."""
+    import torch
+    from embodied_distill.policies.base import load_policy
+
+    from embodied_distill.data.episode_store import EpisodeStore
+
+    policy = load_policy(checkpoint)[0]
+    demos = EpisodeStore(store, mode="r")
+    ends, texts = demos.episode_ends, demos.episode_meta("instruction").astype(str)
+    tasks = sorted(set(texts))
+    data = demos.root["data"]
+    out = {}
+    for name, steps in (("steps_0_1", (0, 1)), ("steps_8_16", (8, 16))):
+        rows, told = [], []
+        for e in range(0, len(ends), every):
+            start = int(ends[e - 1]) if e else 0
+            rows += [start + t for t in steps]
+            told += [texts[e]] * len(steps)
+        obs = {k: torch.from_numpy(np.stack([np.asarray(data[k][r]) for r in rows]))[:, None]
+               for k in ("rgb", "state")}
+        expert = np.stack([np.asarray(data["action"][r]) for r in rows])[:, :2]
+        with torch.no_grad():
+            pred = policy.predict_action_chunk({**obs, "instruction": told})[:, 0, :2].numpy()
+            other = [tasks[(tasks.index(t) + 1) % len(tasks)] for t in told]
+            swapped = policy.predict_action_chunk({**obs, "instruction": other})[:, 0, :2].numpy()
+        out[name] = {"samples": len(rows), "abs_err_xy": float(np.abs(pred - expert).mean()),
+                     "abs_change_xy_swapped": float(np.abs(swapped - pred).mean()),
+                     "expert_abs_xy": float(np.abs(expert).mean())}
+    return out
+
+
 # ------------------------------------------------------------------------------------------ report
 def table(res: dict) -> str:
     lines = [f"# VLA teacher on the LIBERO-style `{res['suite']}` suite", ""]
@@ -221,6 +257,16 @@ def table(res: dict) -> str:
         lines.append(f"Evaluation wall time {sum(r['wall_s'] for r in ev.values()) / 60:.1f} min; swapped "
                      f"{sum(r['wall_s'] for r in sw.values()) / 60:.1f} min.")
         lines.append("")
+    sens = res.get("sensitivity")
+    if sens:
+        lines += ["Does the policy read the instruction? First predicted action (x, y) on its own training "
+                  "demos; the change when the same observation comes with the next task's instruction:", "",
+                  "| demo steps | mean abs error | mean abs change, swapped instruction | expert mean abs |",
+                  "|---|---|---|---|"]
+        for name, r in sens.items():
+            lines.append(f"| {name.removeprefix('steps_').replace('_', ', ')} | {r['abs_err_xy']:.3f} | "
+                         f"{r['abs_change_xy_swapped']:.3f} | {r['expert_abs_xy']:.3f} |")
+        lines.append("")
     rm = res.get("remote")
     if rm:
         lines += ["Remote teacher (policy server in another process) vs the local policy on "
@@ -237,7 +283,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--suite", default="libero_object")
-    ap.add_argument("--stage", default="all", choices=["all", "train", "eval", "swap", "remote"])
+    ap.add_argument("--stage", default="all",
+                    choices=["all", "train", "eval", "swap", "remote", "sensitivity"])
     args = ap.parse_args()
     budget = QUICK if args.quick else FULL
     run_dir = REPO_ROOT / "outputs" / ("vla_teacher_quick" if args.quick else "vla_teacher") / args.suite
@@ -271,6 +318,10 @@ def main() -> None:
     if args.stage in ("all", "remote") and "remote" not in res:
         meta = json.loads((ckpt / "meta.json").read_text())
         res["remote"] = stage_remote(args.suite, ckpt, Path(meta["demo_store"]))
+        save()
+    if args.stage in ("all", "sensitivity") and "sensitivity" not in res:
+        meta = json.loads((ckpt / "meta.json").read_text())
+        res["sensitivity"] = stage_sensitivity(ckpt, Path(meta["demo_store"]))
         save()
     if res.get("eval"):
         res["success_rate"] = float(np.mean([r["success_rate"] for r in res["eval"].values()]))
