@@ -52,6 +52,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from embodied_distill.checkpoint import load_train_state, save_train_state
+from embodied_distill.dataclass_config import dataclass_from_cfg
 from embodied_distill.losses import (
     get_divergence,
     masked_reduce,
@@ -163,10 +164,7 @@ class VLAOPDConfig:
 
     @classmethod
     def from_cfg(cls, dcfg: DictConfig | dict) -> VLAOPDConfig:
-        from embodied_distill.policies.base import config_from_dict
-
-        values = OmegaConf.to_container(dcfg, resolve=True) if isinstance(dcfg, DictConfig) else dict(dcfg)
-        return config_from_dict(cls, values)
+        return dataclass_from_cfg(cls, dcfg, "distill config")
 
 
 # ---------------------------------------------------------------------------- teacher / student checks
