@@ -74,19 +74,21 @@ def task_result(main_dir: Path, bad_dir: Path) -> dict:
     accepted = ["stage1"] + [d["iteration"] for d in decisions if d["accepted"]]
     curve = [(name, evals[name]["success_rate"]) for name in accepted if name in evals]
     final = curve[-1][1]
-    bad = json.loads((bad_dir / "rl100_state.json").read_text())
-    bad_decision = bad["decisions"][0]
-    latency = state["latency_ms_per_action"]
+    bad_path = bad_dir / "rl100_state.json"
+    bad = json.loads(bad_path.read_text()) if bad_path.exists() else {"decisions": [], "evals": {}}
+    bad_decision = bad["decisions"][0] if bad["decisions"] else None
+    latency = state.get("latency_ms_per_action") or {}
     return {
         "evals": evals, "decisions": decisions, "accepted_sequence": curve,
         "latency_ms_per_action": latency,
-        "latency_ratio_multistep_over_1step": latency["ddim_eta"] / latency["consistency"],
+        "latency_ratio_multistep_over_1step": (latency["ddim_eta"] / latency["consistency"]) if latency
+        else None,
         "bad_update": {"decision": bad_decision, "evals": bad["evals"]},
         "targets": {
             "success_never_drops_across_accepted": all(b >= a for (_, a), (_, b) in zip(curve, curve[1:])),
             "final_ge_stage1_plus_10pts_or_095": final >= curve[0][1] + 0.10 or final >= 0.95,
-            "bad_update_rejected_by_gate": not bad_decision["gate_verdict"],
-            "bad_update_accepted_with_gate_disabled": bool(bad_decision["accepted"]),
+            "bad_update_rejected_by_gate": bool(bad_decision) and not bad_decision["gate_verdict"],
+            "bad_update_accepted_with_gate_disabled": bool(bad_decision) and bool(bad_decision["accepted"]),
         },
     }
 
@@ -108,6 +110,9 @@ def table(results: dict) -> str:
         lines.append(f"| {task} | consistency head, 1 step | - | - | {success(ev.get('consistency'))} |")
         lines.append(f"| {task} | consistency head, 2 steps | - | - | {success(ev.get('consistency_2'))} |")
         b = r["bad_update"]["decision"]
+        if b is None:
+            lines.append(f"| {task} | injected bad update | not run | - | - |")
+            continue
         gate = f"verdict {'accept' if b['gate_verdict'] else 'reject'}, accepted {b['accepted']}"
         lines.append(f"| {task} | injected bad update (advantage x -1), gate disabled | {b['estimate']:.4f} "
                      f"({b['best_before']:.4f}) | {gate} | "
@@ -116,6 +121,8 @@ def table(results: dict) -> str:
                   "| ratio |", "|---|---|---|---|"]
     for task, r in results.items():
         lat = r["latency_ms_per_action"]
+        if not lat:
+            continue
         lines.append(f"| {task} | {lat['ddim_eta']:.2f} | {lat['consistency']:.2f} | "
                      f"{r['latency_ratio_multistep_over_1step']:.1f}x |")
     lines += ["", "Targets: " + "; ".join(f"{task}: " + ", ".join(f"{k} {'met' if v else 'NOT met'}"
@@ -133,9 +140,13 @@ def main() -> None:
     ap.add_argument("--work", default=str(REPO_ROOT / "outputs" / "benchmarks" / "rl100"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--note", default="")
+    ap.add_argument("--report-only", nargs="*", default=None, help="write results of these tasks as they are")
     args = ap.parse_args()
     torch.set_num_threads(1)
     work = Path(args.work) / ("quick" if args.quick else "full")
+    if args.report_only:
+        write(args.report_only, [t for t in args.tasks if t not in args.report_only], work, args)
+        return
     t0 = time.time()
     done = []
     for task in args.tasks:
