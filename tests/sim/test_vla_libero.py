@@ -52,7 +52,7 @@ def test_vla_trains_and_evaluates_through_the_cli_with_images_and_instructions(t
     policy, config, _ = load_policy(tmp_path / "run" / "checkpoint")
     assert policy.name == "vla" and policy.config.obs_keys == ("rgb", "state", "instruction")
     # the demo store (its name says it holds 32 x 32 images) feeds the policy images + instructions
-    (store_path,) = list((tmp_path / "demos").glob("*_rgb32_*.zarr"))
+    (store_path,) = list((tmp_path / "demos").rglob("*_rgb32_*.zarr"))
     store = EpisodeStore(store_path, mode="r")
     ep = store.get_episode(0, ["rgb", "state"])
     assert ep["rgb"].shape[1:] == (2, 32, 32, 3) and ep["rgb"].dtype == np.uint8
