@@ -267,6 +267,8 @@ def table(res: dict) -> str:
             lines.append(f"| {name.removeprefix('steps_').replace('_', ', ')} | {r['abs_err_xy']:.3f} | "
                          f"{r['abs_change_xy_swapped']:.3f} | {r['expert_abs_xy']:.3f} |")
         lines.append("")
+    if res.get("diagnosis"):
+        lines += [f"**Diagnosis.** {res['diagnosis']}", ""]
     rm = res.get("remote")
     if rm:
         lines += ["Remote teacher (policy server in another process) vs the local policy on "
