@@ -43,7 +43,9 @@ def read_demos(cfg: DictConfig, store_path: Path) -> tuple[dict[str, np.ndarray]
     ``instruction`` gets each step's instruction string (N,) from the per-episode ``meta/instruction``."""
     store = EpisodeStore(store_path, mode="r")
     max_demo_seed = int(store.episode_meta("seed")[: cfg.demos.n_episodes].max())
-    assert max_demo_seed < cfg.eval.seed_start, "evaluation seeds overlap demo seeds"
+    if max_demo_seed >= cfg.eval.seed_start:
+        raise ValueError(f"evaluation seeds (eval.seed_start={cfg.eval.seed_start}) overlap the demo seeds "
+                         f"(up to {max_demo_seed}); raise eval.seed_start or lower demos.seed_start")
     ends = store.episode_ends[: cfg.demos.n_episodes]
     obs_keys = list(cfg.student.get("obs_keys", ["state"]))
     extra = [k for k in obs_keys if k in store.keys and k not in ("state", "action")]
