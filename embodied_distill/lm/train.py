@@ -37,6 +37,7 @@ from embodied_distill.checkpoint import (
     save_train_state,
     versions,
 )
+from embodied_distill.train import resolve_device
 
 from .config import LMConfig
 from .evaluation import divergence_to_teacher, exact_match_accuracy
@@ -61,14 +62,6 @@ from .tasks import TaskSplit, load_prompt_file, make_task, split_examples, unlab
 from .trainer import Distiller
 
 CONFIG_DIR = str(Path(_configs.__file__).resolve().parent / "lm")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name} requested but CUDA is not available")
-    return torch.device(name)
 
 
 # ---------------------------------------------------------------------------------------------------
