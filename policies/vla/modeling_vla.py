@@ -9,10 +9,14 @@ Tokens of the fusion transformer (width ``d_model``)::
 
     [instruction (1)] [state segments (To x S)] [camera views (To x K x V)] [action queries (Ta)]
 
-* instruction: the frozen pretrained all-MiniLM-L6-v2 sentence embedding (``language.py``), projected;
-* state: each ``state_split`` segment (normalised) through its own linear layer;
+* instruction: the frozen pretrained all-MiniLM-L6-v2 sentence embedding (``language.py``), optionally
+  standardised per dimension (``text_norm``), projected;
+* state: each ``state_split`` segment (normalised; only ``state_segments`` when set) through its own
+  linear layer; with ``film_state`` each segment token is scaled/shifted by a function of the instruction;
 * images: a small ResNet-style CNN with spatial-softmax keypoints (``RgbEncoder``, shared with the
-  diffusion policy), one token per view and step, trained from scratch;
+  diffusion policy), one token per view and step, trained from scratch; with ``film_vision`` the
+  instruction FiLMs the CNN's last feature map before the spatial softmax (RT-1,
+  https://arxiv.org/abs/2212.06817), so the keypoints can find the object it names;
 * action queries: the output at query ``t`` goes through a linear head to ``(Da, n_bins)`` logits.
 
 ``action_distribution(obs) -> (B, Ta, Da, n_bins)`` logits; ``predict_action_chunk(obs, temperature)``
@@ -61,6 +65,14 @@ def as_views(images: Tensor, n_views: int) -> Tensor:
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
+def zero_linear(d_in: int, d_out: int) -> nn.Linear:
+    """A linear layer with zero weight and bias: a FiLM generator that starts as the identity."""
+    layer = nn.Linear(d_in, d_out)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 def instruction_list(instruction: Any, batch_size: int) -> list[str]:
     """``obs["instruction"]``: a list of B strings (one string is broadcast to the batch)."""
     if isinstance(instruction, str):
@@ -85,6 +97,9 @@ class VLAPolicy(Policy):
         self.tokenizer = ActionTokenizer(cfg.n_bins)
         d = cfg.d_model
         self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(), nn.Linear(d, d))
+        if cfg.text_norm:
+            # momentum=None: inference uses the mean of the statistics of all training batches
+            self.text_norm = nn.BatchNorm1d(cfg.text_dim, affine=False, momentum=None)
         if cfg.text_tokens:
             self.word_proj = nn.Linear(cfg.text_dim, d)
             self.word_pos = nn.Parameter(torch.randn(cfg.text_tokens, d) * 0.02)
@@ -94,13 +109,19 @@ class VLAPolicy(Policy):
             split = cfg.state_split or (cfg.obs_dim,)
             if sum(split) != cfg.obs_dim:
                 raise ValueError(f"state_split {split} does not sum to obs_dim={cfg.obs_dim}")
-            self.state_proj.extend(nn.Linear(s, d) for s in split)
-            n_tokens += cfg.obs_horizon * len(split)
+            self.state_proj.extend(nn.Linear(split[i], d) for i in cfg.state_segment_ids)
+            n_tokens += cfg.obs_horizon * len(cfg.state_segment_ids)
+            if cfg.film_state:  # one (scale, shift) pair of width d per read segment
+                self.state_film = zero_linear(d, 2 * d * len(cfg.state_segment_ids))
         self.vision = None
         if cfg.image_keys:
             self.vision = RgbEncoder(cfg.image_size, cfg.crop_size, cfg.vision_channels, cfg.num_keypoints)
             self.vision_proj = nn.Linear(self.vision.out_dim, d)
             n_tokens += cfg.obs_horizon * len(cfg.image_keys) * cfg.n_views
+            if cfg.film_vision:  # scale/shift of the last feature map, applied in front of the keypoint conv
+                self.vision_film = zero_linear(d, 2 * cfg.vision_channels[-1])
+                self._film: tuple[Tensor, Tensor] | None = None
+                self.vision.keypoints.register_forward_pre_hook(self._film_hook)
         self.obs_pos = nn.Parameter(torch.randn(n_tokens, d) * 0.02)
         self.action_queries = nn.Parameter(torch.randn(cfg.action_horizon, d) * 0.02)
         layer = nn.TransformerEncoderLayer(d, cfg.n_heads, cfg.ff_mult * d, cfg.dropout, activation="gelu",
@@ -110,8 +131,10 @@ class VLAPolicy(Policy):
 
     # ------------------------------------------------------------------ tokens
     def embed_instructions(self, instructions: list[str]) -> Tensor:
-        """B strings -> (B, text_dim) frozen sentence embeddings on the policy's device."""
-        return shared_encoder(self.config.text_encoder).encode(instructions).to(self.device)
+        """B strings -> (B, text_dim) frozen sentence embeddings on the policy's device (standardised with
+        ``text_norm``)."""
+        emb = shared_encoder(self.config.text_encoder).encode(instructions).to(self.device)
+        return self.text_norm(emb) if self.config.text_norm else emb
 
     def obs_tokens(self, obs: Mapping[str, Any]) -> tuple[Tensor, Tensor | None]:
         """Observation dict -> (B, N, d_model) tokens (instruction, state segments, views; positions added)
@@ -125,20 +148,26 @@ class VLAPolicy(Policy):
         if "instruction" not in obs:
             raise KeyError("a VLA needs obs['instruction'] (a list of B strings)")
         texts = instruction_list(obs["instruction"], batch)
-        tokens = [self.text_proj(self.embed_instructions(texts)).unsqueeze(1)]
+        text = self.text_proj(self.embed_instructions(texts))  # (B, d)
+        tokens = [text.unsqueeze(1)]
         if cfg.uses_state:
             state = torch.as_tensor(obs["state"]).to(self.device, torch.float32)
             state = self.normalizer.normalize("state", state)
             self._check_time(state, "state")
             parts = state.split(cfg.state_split or (cfg.obs_dim,), dim=-1)
-            tokens.append(torch.stack([p(x) for p, x in zip(self.state_proj, parts)], dim=2).flatten(1, 2))
+            segs = torch.stack([p(parts[i]) for p, i in zip(self.state_proj, cfg.state_segment_ids)],
+                               dim=2)  # (B, To, S, d)
+            if cfg.film_state:
+                scale, shift = self.state_film(text).view(batch, 1, -1, 2, cfg.d_model).unbind(3)
+                segs = segs * (1 + scale) + shift
+            tokens.append(segs.flatten(1, 2))
         for key in cfg.image_keys:
             views = as_views(obs[key], cfg.n_views).to(self.device)  # (B, To, V, 3, H, W)
             self._check_time(views, key)
             flat = views.flatten(0, 2)
             if flat.shape[-1] != cfg.image_size or flat.shape[-2] != cfg.image_size:
                 flat = F.interpolate(flat, size=(cfg.image_size, cfg.image_size), mode="area")
-            feats = self.vision_proj(self.vision(flat))  # (B * To * V, d)
+            feats = self.vision_proj(self.vision_features(flat, text))  # (B * To * V, d)
             tokens.append(feats.view(batch, -1, cfg.d_model))
         x = torch.cat(tokens, dim=1) + self.obs_pos
         if not cfg.text_tokens:
@@ -147,6 +176,27 @@ class VLAPolicy(Policy):
         words = self.word_proj(hidden.to(self.device)) + self.word_pos
         pad = torch.cat([~valid, torch.zeros(batch, x.shape[1], dtype=torch.bool)], dim=1).to(self.device)
         return torch.cat([words, x], dim=1), pad
+
+    def vision_features(self, images: Tensor, text: Tensor) -> Tensor:
+        """(N, 3, S, S) images of N = B * k views (k = To * V, grouped per batch row) and the (B, d) projected
+        instruction -> (N, 2 * num_keypoints) keypoints; with ``film_vision`` the instruction scales and
+        shifts the CNN's last feature map before the spatial softmax."""
+        if not self.config.film_vision:
+            return self.vision(images)
+        per_row = images.shape[0] // text.shape[0]
+        scale, shift = self.vision_film(text).repeat_interleave(per_row, dim=0).chunk(2, dim=-1)
+        self._film = (scale, shift)
+        try:
+            return self.vision(images)
+        finally:
+            self._film = None
+
+    def _film_hook(self, module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """Forward pre-hook of the keypoint conv: FiLM its (N, C, h, w) input with ``self._film``."""
+        if self._film is None:
+            raise RuntimeError("film_vision: run the vision encoder through vision_features(images, text)")
+        scale, shift = self._film
+        return (args[0] * (1 + scale[:, :, None, None]) + shift[:, :, None, None],)
 
     def _batch_size(self, obs: Mapping[str, Any]) -> int:
         for key in self.config.obs_keys:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from embodied_distill.policies.base import build_policy, load_policy
 from embodied_distill.policies.vla.configuration_vla import VLAPolicyConfig
+from embodied_distill.policies.vla.language import shared_encoder
 from embodied_distill.policies.vla.modeling_vla import as_views
 from embodied_distill.policies.vla.tokenizer import ActionTokenizer, sample_tokens
 
@@ -317,3 +318,100 @@ def test_word_tokens_are_padded_per_instruction_and_saved(tmp_path):
     assert not torch.allclose(swapped[:1], alone)
     path = policy.save_pretrained(tmp_path / "ckpt")
     torch.testing.assert_close(load_policy(path)[0].action_distribution(obs), policy.action_distribution(obs))
+
+
+# ---------------------------------------------------------------------------- FiLM and state segments
+def test_film_starts_as_the_plain_model_and_round_trips(tmp_path):
+    """Zero-initialised FiLM is the identity: with the same weights, the FiLM model's logits equal the plain
+    model's; the FiLM layers are saved and the vision hook comes back with the loaded checkpoint."""
+    film = tiny_vla(film_vision=True, film_state=True, state_split=[2, 3])
+    plain = tiny_vla(state_split=[2, 3])
+    shared = {k: v for k, v in film.state_dict().items() if not k.startswith(("vision_film", "state_film"))}
+    assert set(shared) == set(plain.state_dict())
+    plain.load_state_dict(shared)
+    obs = obs_batch()
+    torch.testing.assert_close(film.action_distribution(obs), plain.action_distribution(obs))
+    with torch.no_grad():
+        film.vision_film.bias.fill_(0.3)
+        film.state_film.bias.fill_(-0.2)
+    changed = film.action_distribution(obs)
+    assert not torch.allclose(changed, plain.action_distribution(obs))
+    loaded = load_policy(film.save_pretrained(tmp_path / "ckpt"))[0]
+    assert loaded.config.film_vision and loaded.config.film_state
+    torch.testing.assert_close(loaded.action_distribution(obs), changed)
+
+
+def test_film_makes_the_vision_features_depend_on_the_instruction():
+    """Plain keypoints ignore the instruction; after a few training steps on instruction-dependent actions the
+    FiLM encoder's keypoints for the same images differ between the two instructions."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    images = as_views(obs_batch(4)["rgb"], 2).flatten(0, 2)  # (8, 3, 16, 16)
+
+    def keypoints(policy, text):
+        policy.eval()
+        with torch.no_grad():
+            return policy.vision_features(images, policy.text_proj(policy.embed_instructions([text] * 4)))
+
+    plain = tiny_vla()
+    assert torch.equal(keypoints(plain, LEFT), keypoints(plain, RIGHT))
+    policy = tiny_vla(film_vision=True, text_norm=True)
+    assert torch.equal(keypoints(policy, LEFT), keypoints(policy, RIGHT))  # identity at init
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    policy.train()
+    for _ in range(10):
+        texts = [LEFT, RIGHT] * 4
+        acts = torch.tensor([[2.0, -1.5, 0.5] if t == LEFT else [-1.5, 2.5, -1.0] for t in texts])
+        batch = {**obs_batch(8, instructions=texts), "action": acts[:, None].expand(8, TA, DA),
+                 "action_is_pad": torch.zeros(8, TA, dtype=bool)}
+        batch["rgb"] = torch.randint(0, 256, (8, 1, 2, 16, 16, 3), generator=g, dtype=torch.uint8)
+        loss, _ = policy.compute_loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (keypoints(policy, LEFT) - keypoints(policy, RIGHT)).abs().max() > 1e-3
+    with pytest.raises(RuntimeError, match="vision_features"):
+        policy.vision(images)  # the hook refuses to run without the instruction
+
+
+def test_state_segments_read_only_the_chosen_segments():
+    policy = tiny_vla(state_split=[2, 1, 2], state_segments=[0, 2])
+    assert len(policy.state_proj) == 2
+    obs = obs_batch()
+    base = policy.action_distribution(obs)
+    dropped = {**obs, "state": obs["state"].clone()}
+    dropped["state"][..., 2] += 5.0  # segment 1 is not read
+    torch.testing.assert_close(policy.action_distribution(dropped), base)
+    kept = {**obs, "state": obs["state"].clone()}
+    kept["state"][..., 4] += 5.0
+    assert not torch.allclose(policy.action_distribution(kept), base)
+
+
+def test_state_segments_and_film_checks():
+    with pytest.raises(ValueError, match="set state_split"):
+        VLAPolicyConfig(obs_dim=DS, state_segments=(0,))
+    with pytest.raises(ValueError, match="out of range"):
+        VLAPolicyConfig(obs_dim=DS, state_split=(2, 3), state_segments=(0, 2))
+    with pytest.raises(ValueError, match="repeats"):
+        VLAPolicyConfig(obs_dim=DS, state_split=(2, 3), state_segments=(1, 1))
+    with pytest.raises(ValueError, match="film_state"):
+        VLAPolicyConfig(obs_keys=("rgb", "instruction"), film_state=True)
+    with pytest.raises(ValueError, match="film_vision"):
+        VLAPolicyConfig(obs_keys=("state", "instruction"), image_keys=(), film_vision=True)
+
+
+def test_text_norm_standardises_the_instruction_embedding(tmp_path):
+    """Two instructions that share most words: raw MiniLM embeddings are close (every dimension ~0.05), the
+    standardised ones differ by O(1) per dimension; inference uses the running statistics (saved)."""
+    policy = tiny_vla(text_norm=True).train()
+    texts = [LEFT, RIGHT] * 4
+    raw = shared_encoder("minilm").encode([LEFT, RIGHT])
+    for _ in range(50):  # running statistics converge over training batches
+        policy.embed_instructions(texts)
+    policy.eval()
+    std = policy.embed_instructions([LEFT, RIGHT])
+    assert (raw[0] - raw[1]).abs().mean() < 0.05
+    assert (std[0] - std[1]).abs().mean() > 1.0
+    torch.testing.assert_close(std.mean(0), torch.zeros(384), atol=1e-3, rtol=0)
+    loaded = load_policy(policy.save_pretrained(tmp_path / "ckpt"))[0]
+    torch.testing.assert_close(loaded.embed_instructions([LEFT, RIGHT]), std)
