@@ -28,12 +28,13 @@ SAMPLERS = {  # label -> (sampler, overrides)
     "ddim-10": ("ddim", {"num_inference_steps": 10}),
     "streaming": ("streaming", {}),
     "rti": ("rti", {}),
+    "rti-11": ("rti", {"rti_steps": [11, 0]}),  # RTI's low-noise warm start, for comparison
     "consistency-1": ("consistency", {"consistency_steps": 1}),
     "consistency-2": ("consistency", {"consistency_steps": 2}),
 }
 
-TRAIN_FULL = ["distill.steps=6000", "distill.batch_size=128", "distill.lr=5e-4", "torch_threads=1",
-              "distill.consistency_steps=2000", "distill.checkpoint_every=500", "eval.episodes=50"]
+TRAIN_FULL = ["distill.steps=8000", "distill.batch_size=128", "distill.lr=5e-4", "torch_threads=1",
+              "distill.consistency_steps=3000", "distill.checkpoint_every=500", "eval.episodes=50"]
 TRAIN_QUICK = ["demos.n_episodes=30", "distill.steps=300", "distill.batch_size=64", "distill.lr=5e-4",
                "distill.consistency_steps=100", "eval.episodes=2", "eval.video_episodes=0"]
 

@@ -23,6 +23,7 @@ from embodied_distill.data.episode_store import EpisodeStore
 from embodied_distill.data.normalizer import Normalizer
 from embodied_distill.data.sampler import SequenceDataset
 from embodied_distill.logging import MetricLogger
+from embodied_distill.losses import ema_update
 from embodied_distill.policies.base import build_policy
 from embodied_distill.progress import progress
 
@@ -83,21 +84,45 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
     return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
+def ema_decay_at(step: int, max_decay: float) -> float:
+    """Weight-EMA decay with warm-up, ``min(max_decay, (1 + step) / (10 + step))``: early averages forget
+    the random initialisation quickly; 0 turns the EMA off."""
+    return min(max_decay, (1 + step) / (10 + step)) if max_decay > 0 else 0.0
+
+
+def student_ema_decay(cfg: DictConfig, policy) -> float:
+    """``distill.ema_decay``, or the student's own default when null (diffusion 0.999, others off)."""
+    value = cfg.distill.get("ema_decay", None)
+    return float(getattr(policy, "default_ema_decay", 0.0) if value is None else value)
+
+
 def train_phase(name: str, policy, loss_fn, steps: int, cfg: DictConfig, dataset: SequenceDataset,
                 gen: torch.Generator, state_dir: Path, logger: MetricLogger | None, device: torch.device,
-                params: list[torch.nn.Parameter] | None = None, after_step=None) -> int:
+                params: list[torch.nn.Parameter] | None = None, after_step=None,
+                ema_decay: float = 0.0) -> int:
     """AdamW + warm-up/cosine LR on ``loss_fn(batch) -> (loss, metrics)``; resumes from ``state_dir``.
 
-    The training state (all policy weights, optimizer, sampler RNG, step) is written atomically every
-    ``distill.checkpoint_every`` steps, so ``kill -9`` loses at most that many steps.
+    The training state (all policy weights, optimizer, sampler RNG, step, and the weight EMA) is written
+    atomically every ``distill.checkpoint_every`` steps, so ``kill -9`` loses at most that many steps.
+    With ``ema_decay > 0`` an exponential moving average of the trained weights (as Diffusion Policy) is
+    kept and copied into the policy when the phase ends: the saved and evaluated weights are the EMA.
     """
     dcfg = cfg.distill
-    optimizer = torch.optim.AdamW(params or policy.parameters(), lr=dcfg.lr, weight_decay=dcfg.weight_decay)
+    trained = list(params or policy.parameters())
+    optimizer = torch.optim.AdamW(trained, lr=dcfg.lr, weight_decay=dcfg.weight_decay)
+    ema = [p.detach().clone() for p in trained] if ema_decay > 0 else []
     step = 0
     resumed = load_train_state(state_dir) if cfg.resume else None
     if resumed is not None:
         policy.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
+        if ema:
+            saved = resumed["extra_tensors"]
+            if "ema.0" not in saved:
+                raise ValueError(f"{state_dir} was written without a weight EMA but distill.ema_decay="
+                                 f"{ema_decay}; resume with the same setting or start a new run dir")
+            for i, e in enumerate(ema):
+                e.copy_(saved[f"ema.{i}"])
         gen.set_state(resumed["extra_tensors"]["sampler_rng"])  # rank 0's stream
         step = resumed["step"]
         rank = distributed.init()[0]
@@ -122,6 +147,9 @@ def train_phase(name: str, policy, loss_fn, steps: int, cfg: DictConfig, dataset
         distributed.average_gradients(params or policy.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(params or policy.parameters(), dcfg.grad_clip)
         optimizer.step()
+        if ema:
+            with torch.no_grad():
+                ema_update(ema, trained, ema_decay_at(step, ema_decay))
         if after_step is not None:
             after_step()
         step += 1
@@ -136,8 +164,13 @@ def train_phase(name: str, policy, loss_fn, steps: int, cfg: DictConfig, dataset
             t0, losses = time.perf_counter(), []
         if distributed.is_main() and (step % dcfg.checkpoint_every == 0 or step == steps):
             save_train_state(state_dir, step, policy.state_dict(), optimizer,
-                             extra_tensors={"sampler_rng": gen.get_state()})
+                             extra_tensors={"sampler_rng": gen.get_state(),
+                                            **{f"ema.{i}": e for i, e in enumerate(ema)}})
     bar.close()
+    if ema:  # evaluate and save the averaged weights
+        with torch.no_grad():
+            for p, e in zip(trained, ema):
+                p.copy_(e)
     policy.eval()
     return step
 
@@ -169,7 +202,7 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
 
     # ---------------------------------------------------------------- 3. train (resumable)
     step = train_phase("bc", policy, policy.compute_loss, dcfg.steps, cfg, dataset, gen,
-                       run_dir / "train_state", logger, device)
+                       run_dir / "train_state", logger, device, ema_decay=student_ema_decay(cfg, policy))
     if dcfg.consistency_steps > 0 and hasattr(policy, "consistency_loss"):
         # phase 2 (diffusion students): distil the 1-step consistency head from the trained sampler
         state_dir = run_dir / "train_state_consistency"

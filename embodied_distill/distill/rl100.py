@@ -49,6 +49,7 @@ from embodied_distill.distill.bc import (
     demo_store_path,
     read_demos,
     sequence_dataset,
+    student_ema_decay,
     train_phase,
 )
 from embodied_distill.logging import MetricLogger
@@ -572,7 +573,7 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
     dataset = sequence_dataset(policy, demos, demo_ends)
     if not rcfg.stage1_checkpoint and not progress.done("stage1"):
         train_phase("bc", policy, policy.compute_loss, cfg.distill.steps, cfg, dataset, gen,
-                    run_dir / "train_state", logger, device)
+                    run_dir / "train_state", logger, device, ema_decay=student_ema_decay(cfg, policy))
     policy.set_sampler("ddim_eta", num_inference_steps=rcfg.num_inference_steps, eta=rcfg.eta,
                        min_std=rcfg.min_std)
     train_cfg = OmegaConf.to_container(cfg, resolve=True)

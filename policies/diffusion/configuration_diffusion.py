@@ -31,8 +31,10 @@ class DiffusionPolicyConfig(PolicyConfig):
     """DDPM training steps N."""
     beta_schedule: str = "squaredcos_cap_v2"
     """diffusers beta schedule."""
-    prediction_type: str = "epsilon"
-    """"epsilon" or "sample" (what the network predicts)."""
+    prediction_type: str = "sample"
+    """"sample" (x0, the default) or "epsilon" (what the network predicts). On PickCube with the CPU-sized
+    U-Net, x0 prediction made 10-step DDIM as good as 100-step DDPM (epsilon: 0.56 vs 0.94), and the
+    consistency head (an x0 predictor) can start from the trained denoiser's weights."""
     clip_sample: bool = True
     """Clip predicted x0 to [-1, 1] (actions are normalised to that range)."""
     streaming_training_prob: float = 0.0

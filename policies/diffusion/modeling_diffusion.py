@@ -35,6 +35,7 @@ __all__ = ["DiffusionPolicy", "DiffusionPolicyConfig"]
 
 class DiffusionPolicy(Policy):
     name = "diffusion"
+    default_ema_decay = 0.999  # weight EMA for training (distill.ema_decay: null); as Diffusion Policy
 
     def __init__(self, config: DiffusionPolicyConfig, normalizer: Normalizer):
         super().__init__(config, normalizer)
@@ -182,7 +183,10 @@ class DiffusionPolicy(Policy):
         return loss, {"consistency_loss": float(loss.detach())}
 
     def init_consistency_from_teacher(self) -> None:
-        self.consistency_unet.load_state_dict(self.unet.state_dict())
+        """Start the head (an x0 predictor) from the denoiser when that predicts x0 too; an epsilon
+        denoiser's weights would start it at the wrong target, so it keeps its fresh initialisation."""
+        if self.config.prediction_type == "sample":
+            self.consistency_unet.load_state_dict(self.unet.state_dict())
         self._ema[:] = [copy.deepcopy(self.consistency_unet).requires_grad_(False)]
 
     def update_consistency_ema(self, decay: float = 0.95) -> None:
