@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,41 @@ def config_from_dict(cfg_cls: type[PolicyConfig], values: dict[str, Any]) -> Pol
     return dataclass_from_cfg(cfg_cls, values, cfg_cls.__name__)
 
 
+class ChunkExecutor:
+    """Receding-horizon execution of action chunks, shared by every policy and the remote client.
+
+    Keeps the last ``obs_horizon`` observations (the first one repeated at an episode start) and a queue
+    of actions; ``next_action(plan)`` calls ``plan()`` -> (B, Ta, Da) only when the queue is empty and
+    queues its first ``n_action_steps`` actions.
+    """
+
+    def __init__(self, obs_horizon: int, n_action_steps: int):
+        self.obs_horizon, self.n_action_steps = obs_horizon, n_action_steps
+        self.obs: deque[Any] = deque(maxlen=obs_horizon)
+        self.actions: deque[Tensor] = deque()
+
+    def observe(self, current: Any) -> None:
+        """Append this step's observation (any object: a tensor or a dict of arrays)."""
+        self.obs.append(current)
+        while len(self.obs) < self.obs_horizon:
+            self.obs.appendleft(current)
+
+    def stacked(self, stack: Callable = torch.stack) -> dict[str, Any]:
+        """The history of dict observations ``{key: (B, ...)}`` -> ``{key: (B, To, ...)}``
+        (``stack`` = ``torch.stack`` or ``np.stack``)."""
+        return {k: stack([o[k] for o in self.obs], 1) for k in self.obs[-1]}
+
+    def next_action(self, plan: Callable[[], Tensor]) -> Tensor:
+        """(B, Da): the next queued action, re-planning with ``plan() -> (B, Ta, Da)`` when empty."""
+        if not self.actions:
+            self.actions.extend(plan()[:, : self.n_action_steps].unbind(dim=1))
+        return self.actions.popleft()
+
+    def clear(self) -> None:
+        self.obs.clear()
+        self.actions.clear()
+
+
 class Policy(nn.Module):
     name: str = "base"
 
@@ -86,8 +122,7 @@ class Policy(nn.Module):
         super().__init__()
         self.config = config
         self.normalizer = normalizer
-        self._obs_hist: deque[Tensor] = deque(maxlen=config.obs_horizon)
-        self._actions: deque[Tensor] = deque()
+        self._exec = ChunkExecutor(config.obs_horizon, config.n_action_steps)
 
     # ------------------------------------------------------------------ inference
     @property
@@ -109,19 +144,11 @@ class Policy(nn.Module):
     @torch.no_grad()
     def select_action(self, obs: dict[str, Tensor]) -> Tensor:
         """``{key: (B, Dk)}`` for the current step -> (B, Da); re-plans every ``n_action_steps``."""
-        current = {k: torch.as_tensor(obs[k]) for k in self.config.obs_keys}
-        self._obs_hist.append(current)
-        while len(self._obs_hist) < self.config.obs_horizon:  # episode start: repeat the first obs
-            self._obs_hist.appendleft(current)
-        if not self._actions:
-            stacked = {k: torch.stack([o[k] for o in self._obs_hist], dim=1) for k in self.config.obs_keys}
-            chunk = self.predict_action_chunk(stacked)
-            self._actions.extend(chunk[:, : self.config.n_action_steps].unbind(dim=1))
-        return self._actions.popleft()
+        self._exec.observe({k: torch.as_tensor(obs[k]) for k in self.config.obs_keys})
+        return self._exec.next_action(lambda: self.predict_action_chunk(self._exec.stacked()))
 
     def reset(self) -> None:
-        self._obs_hist.clear()
-        self._actions.clear()
+        self._exec.clear()
 
     # ------------------------------------------------------------------ to implement
     def _predict_normalized_chunk(self, obs: Tensor) -> Tensor:

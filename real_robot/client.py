@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from embodied_distill.policies.base import ChunkExecutor
 from embodied_distill.real_robot.protocol import MessageLimits
 from embodied_distill.real_robot.rpc import ClientConfig, RPCClient
 from torch import Tensor
@@ -89,8 +89,7 @@ class RemotePolicy:
         self.supports_warm_start = bool(self.info.get("supports_warm_start", False))
         self.stateful_select_action = bool(self.info.get("stateful_select_action", False))
         self.last_timing: dict[str, float] = {}
-        self._obs_hist: deque[dict[str, np.ndarray]] = deque(maxlen=self.config.obs_horizon)
-        self._actions: deque[Tensor] = deque()
+        self._exec = ChunkExecutor(self.config.obs_horizon, self.config.n_action_steps)
         if not self.info.get("has_action_distribution", False):
             self.action_distribution = None  # type: ignore[assignment]  # "has no distribution", like a Policy
 
@@ -134,20 +133,14 @@ class RemotePolicy:
             rep = self._rpc.call("select_action", *self._split_obs(obs))
             return torch.from_numpy(rep.arrays["action"])
         body, current = self._split_obs(obs)
-        self._obs_hist.append(current)
-        while len(self._obs_hist) < self.config.obs_horizon:  # episode start: repeat the first obs
-            self._obs_hist.appendleft(current)
-        if not self._actions:
-            stacked: dict[str, Any] = {k: np.stack([o[k] for o in self._obs_hist], axis=1) for k in current}
-            stacked.update(body.get("text", {}))  # text has no time axis
-            chunk = self.predict_action_chunk(stacked)
-            self._actions.extend(chunk[:, : self.config.n_action_steps].unbind(dim=1))
-        return self._actions.popleft()
+        self._exec.observe(current)
+        # text has no time axis
+        return self._exec.next_action(lambda: self.predict_action_chunk(
+            {**self._exec.stacked(np.stack), **body.get("text", {})}))
 
     def reset(self) -> None:
         """Clear the local history and queue; with a stateful served policy, reset it (claims the session)."""
-        self._obs_hist.clear()
-        self._actions.clear()
+        self._exec.clear()
         if self.stateful_select_action:
             self._rpc.call("reset", {"session": self.session})
 

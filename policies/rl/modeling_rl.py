@@ -196,10 +196,8 @@ class ResidualPolicy(Policy):
         """``{"state": (B, Ds)}`` -> (B, Da); the base keeps its own history and action queue."""
         current = torch.as_tensor(obs["state"]).to(self.device, torch.float32)
         base_action = self.base.select_action({"state": current}).to(self.device, torch.float32)
-        self._obs_hist.append(current)
-        while len(self._obs_hist) < self.config.obs_horizon:
-            self._obs_hist.appendleft(current)
-        flat = torch.cat([torch.stack(list(self._obs_hist), 1).flatten(1), base_action], dim=-1)
+        self._exec.observe(current)
+        flat = torch.cat([torch.stack(list(self._exec.obs), 1).flatten(1), base_action], dim=-1)
         return self.combine(base_action, flat)
 
     def reset(self) -> None:

@@ -22,13 +22,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from embodied_distill.policies.base import ChunkExecutor
 from embodied_distill.policies.vla.modeling_vla import as_views, instruction_list
 from embodied_distill.policies.vla.tokenizer import sample_tokens
 from torch import Tensor, nn
@@ -68,17 +68,16 @@ class _ChunkQueue:
     config: ExternalVLAConfig
 
     def reset(self) -> None:
-        self._actions: deque[Tensor] = deque()
+        self._exec = ChunkExecutor(1, self.config.n_action_steps)
 
     @torch.no_grad()
     def select_action(self, obs: Mapping[str, Any]) -> Tensor:
         """``{key: (B, ...)}`` for the current step -> (B, Da)."""
-        if not getattr(self, "_actions", None):
-            stacked = {k: v if k == "instruction" else torch.as_tensor(v).unsqueeze(1)  # add To = 1
-                       for k, v in obs.items()}
-            chunk = self.predict_action_chunk(stacked)
-            self._actions = deque(chunk[:, : self.config.n_action_steps].unbind(1))
-        return self._actions.popleft()
+        if getattr(self, "_exec", None) is None:
+            self.reset()
+        return self._exec.next_action(lambda: self.predict_action_chunk(
+            {k: v if k == "instruction" else torch.as_tensor(v).unsqueeze(1)  # add To = 1
+             for k, v in obs.items()}))
 
 
 # ------------------------------------------------------------------------------------------ OpenVLA-style

@@ -240,16 +240,9 @@ class VLAPolicy(Policy):
         """``{image keys: (B, ...), "state": (B, Ds), "instruction": [B strings]}`` for the current step ->
         (B, Da); re-plans every ``n_action_steps`` with ``config.temperature``."""
         keys = [k for k in self.config.obs_keys if k != "instruction"]
-        current = {k: torch.as_tensor(obs[k]) for k in keys}
-        self._obs_hist.append(current)
-        while len(self._obs_hist) < self.config.obs_horizon:  # episode start: repeat the first obs
-            self._obs_hist.appendleft(current)
-        if not self._actions:
-            stacked: dict[str, Any] = {k: torch.stack([o[k] for o in self._obs_hist], dim=1) for k in keys}
-            stacked["instruction"] = obs["instruction"]
-            chunk = self.predict_action_chunk(stacked, self.config.temperature)
-            self._actions.extend(chunk[:, : self.config.n_action_steps].unbind(dim=1))
-        return self._actions.popleft()
+        self._exec.observe({k: torch.as_tensor(obs[k]) for k in keys})
+        return self._exec.next_action(lambda: self.predict_action_chunk(
+            {**self._exec.stacked(), "instruction": obs["instruction"]}, self.config.temperature))
 
     # ------------------------------------------------------------------ training
     def action_tokens(self, actions: Tensor) -> Tensor:
