@@ -25,12 +25,19 @@ class SequenceDataset(Dataset):
             string of the window's current step (no time axis), a batch a list of B strings.
         action_key: key of the actions (each item gets ``(Ta, Da)``).
         obs_horizon: To >= 1.  action_horizon: Ta >= 1.
+        start_steps, start_repeat: the windows at the first ``start_steps`` steps of every episode appear
+            ``start_repeat`` times in the index, so uniform draws see them ``start_repeat`` times as often
+            (the steps where only the instruction tells a multi-task policy which object to go for; later
+            the arm's own motion gives it away). 0 / 1: every window once.
     """
 
     def __init__(self, data: dict[str, np.ndarray], episode_ends: np.ndarray, obs_keys: list[str],
-                 action_key: str = "action", obs_horizon: int = 2, action_horizon: int = 8):
+                 action_key: str = "action", obs_horizon: int = 2, action_horizon: int = 8,
+                 start_steps: int = 0, start_repeat: int = 1):
         if obs_horizon < 1 or action_horizon < 1:
             raise ValueError("obs_horizon and action_horizon must be >= 1")
+        if start_steps < 0 or start_repeat < 1:
+            raise ValueError(f"need start_steps >= 0, start_repeat >= 1, got {start_steps}, {start_repeat}")
         arrays = {k: np.asarray(data[k]) for k in [*obs_keys, action_key]}
         self.text = {k: a for k, a in arrays.items() if a.dtype.kind in "OUS"}
         self.data = {k: torch.as_tensor(a, dtype=torch.uint8 if a.dtype == np.uint8 else torch.float32)
@@ -41,6 +48,9 @@ class SequenceDataset(Dataset):
         starts = np.concatenate([[0], ends[:-1]])
         self.index = np.concatenate([np.stack([np.arange(s, e), np.full(e - s, s), np.full(e - s, e)], 1)
                                      for s, e in zip(starts, ends)]) if len(ends) else np.zeros((0, 3), int)
+        if start_steps and start_repeat > 1:
+            early = self.index[self.index[:, 0] - self.index[:, 1] < start_steps]
+            self.index = np.concatenate([self.index, np.tile(early, (start_repeat - 1, 1))])
 
     def __len__(self) -> int:
         return len(self.index)

@@ -52,3 +52,21 @@ def test_sequence_windows_pad_at_episode_edges():
     batch = ds.get_batch(torch.tensor([0, 3, 4]))
     assert batch["state"].shape == (3, 3, 1) and batch["action"].shape == (3, 4, 1)
     assert torch.equal(batch["action"][1], end["action"])
+
+
+def test_episode_starts_can_be_drawn_more_often():
+    """start_steps=2, start_repeat=3: the first two windows of each episode appear three times, the others
+    once; the windows themselves are unchanged."""
+    data = {"state": np.arange(10, dtype=np.float32)[:, None],
+            "action": 100 + np.arange(10, dtype=np.float32)[:, None]}
+    plain = SequenceDataset(data, np.array([4, 10]), ["state"], obs_horizon=1, action_horizon=2)
+    ds = SequenceDataset(data, np.array([4, 10]), ["state"], obs_horizon=1, action_horizon=2, start_steps=2,
+                         start_repeat=3)
+    assert len(ds) == 10 + 2 * 2 * 2
+    steps = [int(ds[i]["state"][0, 0]) for i in range(len(ds))]
+    assert sorted(steps) == sorted(list(range(10)) + [0, 1, 4, 5] * 2)
+    extra = ds.get_batch(torch.arange(10, len(ds)))
+    same = plain.get_batch(torch.tensor([0, 1, 4, 5] * 2))
+    assert all(torch.equal(extra[k], same[k]) for k in ("state", "action", "action_is_pad"))
+    with pytest.raises(ValueError, match="start_repeat"):
+        SequenceDataset(data, np.array([4, 10]), ["state"], start_steps=2, start_repeat=0)
