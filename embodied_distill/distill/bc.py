@@ -72,6 +72,7 @@ def build_student(cfg: DictConfig, data: dict[str, np.ndarray], device: torch.de
     normalizer = Normalizer.fit({k: data[k] for k in ("state", "action")}, mode=cfg.distill.normalizer_mode,
                                 eps=cfg.distill.normalizer_eps)
     student_cfg = OmegaConf.to_container(cfg.student, resolve=True)
+    student_cfg.pop("train", None)  # the student's training budget, read through distill.* (bc.yaml)
     student_cfg.update(obs_dim=int(data["state"].shape[-1]), action_dim=int(data["action"].shape[-1]))
     return build_policy(student_cfg.pop("name"), student_cfg, normalizer).to(device)
 

@@ -47,6 +47,9 @@ class DiffusionPolicyConfig(PolicyConfig):
     """Denoising steps of ddpm/ddim (ddpm uses all training steps when equal to num_train_timesteps)."""
     streaming_levels: int = 0
     """Noise levels spanned by the streaming buffer (0: one level per chunk, i.e. h)."""
+    streaming_level_power: float = 1.0
+    """Buffer level l -> timestep ``N ((l+1) / L) ** power``: 1 spaces the levels evenly (SDP); < 1 keeps
+    the front chunks noisier, so their last denoising call can still follow the newest observation."""
     rti_steps: tuple[int, ...] = (10, 0)
     """RTI warm-start: training timesteps to noise the shifted guess to and denoise through (DDIM)."""
     rti_gripper: str = "clip"
@@ -78,6 +81,8 @@ class DiffusionPolicyConfig(PolicyConfig):
                              f"2**(len(down_dims)-1)={2 ** (len(self.down_dims) - 1)}")
         if not 1 <= self.num_inference_steps <= self.num_train_timesteps:
             raise ValueError("num_inference_steps must be in [1, num_train_timesteps]")
+        if not 0.0 < self.streaming_level_power <= 1.0:
+            raise ValueError(f"streaming_level_power must be in (0, 1], got {self.streaming_level_power}")
         if not 0.0 <= self.streaming_training_prob <= 1.0:
             raise ValueError("streaming_training_prob must be in [0, 1]")
         if any(not 0 <= s < self.num_train_timesteps for s in self.rti_steps) or \

@@ -137,7 +137,8 @@ class DiffusionPolicy(Policy):
         if cfg.streaming_training_prob > 0:
             levels = staircase_levels(cfg.n_levels, cfg.n_chunks, cfg.n_action_steps, horizon, device)
             j = torch.randint(0, cfg.n_levels // cfg.n_chunks, (batch_size, 1), device=device)
-            stair = level_to_timestep(levels[None, :] - j, cfg.n_levels, cfg.num_train_timesteps)
+            stair = level_to_timestep(levels[None, :] - j, cfg.n_levels, cfg.num_train_timesteps,
+                                      cfg.streaming_level_power)
             use = torch.rand(batch_size, 1, device=device) < cfg.streaming_training_prob
             t = torch.where(use, stair, t)
         return t.contiguous()
@@ -201,7 +202,10 @@ def staircase_levels(n_levels: int, n_chunks: int, chunk: int, horizon: int, dev
     return torch.div(n_levels * (i + 1), n_chunks, rounding_mode="floor") - 1
 
 
-def level_to_timestep(levels: Tensor, n_levels: int, num_train_timesteps: int) -> Tensor:
-    """Buffer level l in [0, L) -> training timestep round((l+1) N / L) - 1; level -1 (clean) -> -1."""
-    t = torch.round((levels + 1).float() * num_train_timesteps / n_levels).long() - 1
+def level_to_timestep(levels: Tensor, n_levels: int, num_train_timesteps: int, power: float = 1.0) -> Tensor:
+    """Buffer level l in [0, L) -> training timestep ``round(N ((l+1) / L) ** power) - 1``; level -1 (clean)
+    -> -1. ``power`` = 1 spaces the levels evenly (SDP); < 1 moves the low levels to higher noise, so the
+    last call before a chunk is popped still has room to follow the newest observation."""
+    frac = ((levels + 1).clamp_min(0).double() / n_levels) ** power
+    t = torch.round(frac * num_train_timesteps).long() - 1
     return torch.where(levels < 0, torch.full_like(t, -1), t)

@@ -103,12 +103,14 @@ class StreamingSampler(Sampler):
 
         cfg = self.cfg
         B = self.buffer.shape[0]
-        t = level_to_timestep(self.levels, cfg.n_levels, cfg.num_train_timesteps).to(cond.device)
+        t = level_to_timestep(self.levels, cfg.n_levels, cfg.num_train_timesteps,
+                              cfg.streaming_level_power).to(cond.device)
         t_net = t.clamp_min(0)[None].expand(B, -1)
         x0, eps = self.policy.denoise(self.buffer, t_net, cond)
         self.calls += 1
         new_levels = torch.where(lower, self.levels - 1, self.levels)
-        t_prev = level_to_timestep(new_levels, cfg.n_levels, cfg.num_train_timesteps).to(cond.device)
+        t_prev = level_to_timestep(new_levels, cfg.n_levels, cfg.num_train_timesteps,
+                                   cfg.streaming_level_power).to(cond.device)
         stepped = ddim_step(x0, eps, t_prev[None].expand(B, -1), self.policy.alphas_cumprod)
         self.buffer = torch.where(lower.to(cond.device)[None, :, None], stepped, self.buffer)
         self.levels = new_levels

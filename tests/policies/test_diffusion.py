@@ -68,6 +68,8 @@ def test_streaming_buffer_levels_match_sdp_formula():
         expect = [int(np.floor(n_levels * (i + 1) / h)) - 1 for i in range(h) for _ in range(ta)]
         assert levels.tolist() == expect
     assert level_to_timestep(torch.tensor([-1, 0, 3]), 4, 100).tolist() == [-1, 24, 99]
+    # power < 1: N ((l+1)/L)**power; with L = 4, power 0.5: 100 * [0.5, 0.707, 0.866, 1] - 1
+    assert level_to_timestep(torch.tensor([-1, 0, 1, 2, 3]), 4, 100, 0.5).tolist() == [-1, 49, 70, 86, 99]
     policy = _policy("streaming", streaming_levels=8)
     policy.reset()
     policy.predict_action_chunk({"state": torch.randn(2, 2, 5)})
