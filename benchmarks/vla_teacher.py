@@ -50,7 +50,7 @@ HIDDEN_ROBOT_PARTS = ("joint_pos", "joint_vel")
 """Robot state the teacher does not read: the arm's joint motion lets a policy copy where it is already
 heading instead of reading the instruction (run 1's diagnosis); the end-effector pose stays."""
 START_STEPS, START_REPEAT = 8, 5
-"""The windows at the first 8 steps of every demo (of ~108) are drawn 5x as often (27% of the draws instead
+"""The windows at the first 8 steps of every demo (of ~108) are drawn 5x as often (29% of the draws instead
 of 7%): there the arm is still at home and only the instruction says which object to go for."""
 GROUNDING = ["student.film_vision=true", "student.film_state=true", "student.text_norm=true"]
 """Run 2's instruction grounding: FiLM of the CNN features and of the state tokens by the standardised
@@ -409,6 +409,7 @@ def main() -> None:
         res["success_rate"] = float(np.mean([r["success_rate"] for r in res["eval"].values()]))
     if res.get("swap"):
         res["swapped_success_rate"] = float(np.mean([r["success_rate"] for r in res["swap"].values()]))
+    save()  # keeps --diagnosis for later report runs
     md = table(res)
     print(md)
     write_results("vla_teacher_quick" if args.quick else "vla_teacher", res, md, args.out)
