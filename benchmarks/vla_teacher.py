@@ -49,6 +49,10 @@ ROBOT_PARTS = {"eef_pos": 3, "eef_quat": 4, "gripper": 2, "joint_pos": 7, "joint
 HIDDEN_ROBOT_PARTS = ("joint_pos", "joint_vel")
 """Robot state the teacher does not read: the arm's joint motion lets a policy copy where it is already
 heading instead of reading the instruction (run 1's diagnosis); the end-effector pose stays."""
+ABLATIONS = {"sampling_only": ["student.film_vision=false", "student.film_state=false",
+                               "student.text_norm=false"]}
+"""``--ablation NAME``: run 2 with these overrides, the whole robot state as one token (run 1's model), into
+``outputs/vla_teacher/<suite>_<NAME>`` and ``vla_teacher_<NAME>.{json,md}`` (no remote stage)."""
 START_STEPS, START_REPEAT = 8, 5
 """The windows at the first 8 steps of every demo (of ~108) are drawn 5x as often (29% of the draws instead
 of 7%): there the arm is still at home and only the instruction says which object to go for."""
@@ -98,11 +102,17 @@ def compose_cfg(overrides: list[str]):
     return cfg
 
 
-def train_overrides(suite: str, budget: dict) -> list[str]:
-    """``python -m embodied_distill.train`` overrides of the teacher run."""
-    split, segments = (",".join(str(s) for s in x) for x in state_split(suite))
+def train_overrides(suite: str, budget: dict, ablation: str | None = None) -> list[str]:
+    """``python -m embodied_distill.train`` overrides of the teacher run (or of an ``ABLATIONS`` run)."""
+    from embodied_distill.sim.libero_style.env import ROBOT_STATE_DIM
+
+    split, segments = state_split(suite)
+    if ablation:  # run 1's state tokens: the whole robot state, then one per object
+        split, segments = [ROBOT_STATE_DIM] + split[len(ROBOT_PARTS):], []
+    split, segments = ",".join(map(str, split)), ",".join(map(str, segments))
+    model = ABLATIONS[ablation] if ablation else GROUNDING
     return ["sim=libero", *task_overrides(suite), "student=vla", f"student.state_split=[{split}]",
-            f"student.state_segments=[{segments}]", *GROUNDING, f"student.text_tokens={TEXT_TOKENS}",
+            f"student.state_segments=[{segments}]", *model, f"student.text_tokens={TEXT_TOKENS}",
             f"demos.n_episodes={budget['demos']}", f"distill.steps={budget['steps']}",
             f"distill.batch_size={budget['batch_size']}", "distill.lr=5e-4",
             f"distill.warmup_steps={min(200, budget['steps'] // 10)}", "distill.checkpoint_every=250",
@@ -124,7 +134,7 @@ def collect_demos(suite: str, budget: dict) -> dict:
     return {"store": str(path), "wall_s": time.perf_counter() - t0, **summary}
 
 
-def stage_train(suite: str, budget: dict, run_dir: Path) -> dict:
+def stage_train(suite: str, budget: dict, run_dir: Path, ablation: str | None = None) -> dict:
     """Behaviour cloning with bc's own pieces (``read_demos``, ``build_student``, ``train_phase``: what
     ``python -m embodied_distill.train ... student=vla`` runs, resumable from ``run_dir/train_state``) except
     the dataset: it draws the first ``START_STEPS`` windows of every demo ``START_REPEAT`` times as often
@@ -142,7 +152,7 @@ def stage_train(suite: str, budget: dict, run_dir: Path) -> dict:
     )
     from embodied_distill.logging import MetricLogger
 
-    overrides = train_overrides(suite, budget)
+    overrides = train_overrides(suite, budget, ablation)
     print("[vla_teacher] train " + " ".join(overrides), flush=True)
     cfg = compose_cfg(overrides)
     t0 = time.perf_counter()
@@ -361,16 +371,24 @@ def main() -> None:
     ap.add_argument("--stage", default="all",
                     choices=["all", "train", "eval", "swap", "remote", "sensitivity"])
     ap.add_argument("--diagnosis", default=None, help="the reading of the results, shown under the tables")
+    ap.add_argument("--ablation", default=None, choices=sorted(ABLATIONS),
+                    help="train and evaluate an ablation of the teacher run instead (ABLATIONS)")
     args = ap.parse_args()
     budget = QUICK if args.quick else FULL
-    run_dir = REPO_ROOT / "outputs" / ("vla_teacher_quick" if args.quick else "vla_teacher") / args.suite
+    name = "vla_teacher_quick" if args.quick else "vla_teacher"
+    tag = f"_{args.ablation}" if args.ablation else ""
+    run_dir = REPO_ROOT / "outputs" / name / f"{args.suite}{tag}"
+    name += tag
     state_file = run_dir / "benchmark_state.json"
     res = json.loads(state_file.read_text()) if state_file.exists() else {}
+    model = (f"ablation {args.ablation}: the whole robot state as one token; "
+             f"{', '.join(ABLATIONS[args.ablation])}" if args.ablation else
+             f"VLA with the state split into robot parts and object poses, not reading "
+             f"{' and '.join(HIDDEN_ROBOT_PARTS)}; {', '.join(GROUNDING)}")
     res.update(suite=args.suite, budget=budget, quick=args.quick, image_size=IMAGE_SIZE,
                teacher_checkpoint=str((run_dir / "checkpoint").relative_to(REPO_ROOT)),
-               model=f"VLA with the state split into robot parts and object poses, not reading "
-                     f"{' and '.join(HIDDEN_ROBOT_PARTS)}; {', '.join(GROUNDING)}; "
-                     f"student.text_tokens={TEXT_TOKENS}")
+               model=f"{model}; student.text_tokens={TEXT_TOKENS}; the first {START_STEPS} steps of every "
+                     f"demo drawn {START_REPEAT}x as often")
     if args.diagnosis:
         res["diagnosis"] = args.diagnosis
 
@@ -387,7 +405,7 @@ def main() -> None:
         res["demos"] = collect_demos(args.suite, budget)
         save()
     if args.stage in ("all", "train") and "train" not in res:
-        res["train"] = stage_train(args.suite, budget, run_dir)
+        res["train"] = stage_train(args.suite, budget, run_dir, args.ablation)
         save()
     if args.stage in ("all", "eval"):
         res.setdefault("eval", {})
@@ -397,7 +415,7 @@ def main() -> None:
         res.setdefault("swap", {})
         for _ in stage_eval(args.suite, ckpt, budget["episodes"], True, res["swap"]):
             save()
-    if args.stage in ("all", "remote") and "remote" not in res:
+    if args.stage in ("all", "remote") and "remote" not in res and not args.ablation:
         meta = json.loads((ckpt / "meta.json").read_text())
         res["remote"] = stage_remote(args.suite, ckpt, Path(meta["demo_store"]))
         save()
@@ -412,7 +430,7 @@ def main() -> None:
     save()  # keeps --diagnosis for later report runs
     md = table(res)
     print(md)
-    write_results("vla_teacher_quick" if args.quick else "vla_teacher", res, md, args.out)
+    write_results(name, res, md, args.out)
 
 
 if __name__ == "__main__":
