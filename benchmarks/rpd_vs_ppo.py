@@ -59,7 +59,7 @@ def teacher(task: str, work: Path, given: str | None, budget: dict) -> tuple[Pat
         return ckpt, json.loads(rep.read_text()) if rep.exists() else {}
     run = work / "teachers" / task
     if not (run / "report.json").exists():
-        _run([sys.executable, "-m", "embodied_distill.train", f"task={task}",
+        _run([sys.executable, "-m", "embodied_distill.train", f"task={task}", "student=mlp",
               f"demos.n_episodes={budget['teacher_demos']}", f"distill.steps={budget['teacher_steps']}",
               "torch_threads=1", "device=cpu", "eval.episodes=50", "eval.video_episodes=0",
               f"hydra.run.dir={run}"], run.with_suffix(".log"))
