@@ -112,6 +112,15 @@ class StreamingSampler(Sampler):
         t_prev = level_to_timestep(new_levels, cfg.n_levels, cfg.num_train_timesteps,
                                    cfg.streaming_level_power).to(cond.device)
         stepped = ddim_step(x0, eps, t_prev[None].expand(B, -1), self.policy.alphas_cumprod)
+        if cfg.streaming_eta > 0:  # DDIM with eta: part of the direction term becomes fresh noise
+            abar = self.policy.alphas_cumprod.to(cond.device)
+            a_t = abar[t.clamp_min(0)]
+            a_prev = torch.where(t_prev >= 0, abar[t_prev.clamp_min(0)], torch.ones_like(a_t))
+            var = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0)
+            sigma = (cfg.streaming_eta * var.sqrt()).clamp(max=(1 - a_prev).sqrt())[None, :, None]
+            direction = (1 - a_prev[None, :, None] - sigma**2).clamp_min(0).sqrt()
+            stepped = (a_prev.sqrt()[None, :, None] * x0 + direction * eps
+                       + sigma * self.noise(*x0.shape, device=cond.device))
         self.buffer = torch.where(lower.to(cond.device)[None, :, None], stepped, self.buffer)
         self.levels = new_levels
 

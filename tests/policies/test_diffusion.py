@@ -78,6 +78,34 @@ def test_streaming_buffer_levels_match_sdp_formula():
     assert policy.sampler.calls_per_chunk == 2
 
 
+def test_streaming_eta_step_matches_the_ddim_formula():
+    """One buffer step with eta: x_prev = sqrt(a') x0 + sqrt(1 - a' - s^2) eps + s z,
+    s = eta sqrt((1 - a') / (1 - a) (1 - a / a')), per position; eta = 0 is the deterministic DDIM step."""
+    cond = torch.randn(2, 2 * 5)
+    for eta in (0.0, 0.5, 1.0):
+        policy = _policy("streaming", streaming_eta=eta, streaming_levels=8)
+        sampler = policy.sampler
+        sampler.buffer = torch.randn(2, 16, 3, generator=torch.Generator().manual_seed(1))
+        sampler.levels = torch.tensor([1] * 4 + [3] * 4 + [5] * 4 + [7] * 4)
+        start = sampler.buffer.clone()
+        t = level_to_timestep(sampler.levels, 8, 100)
+        t_prev = level_to_timestep(sampler.levels - 1, 8, 100)
+        with torch.no_grad():
+            x0, eps = policy.denoise(start, t[None].expand(2, -1), cond)
+        abar = policy.alphas_cumprod.double()
+        a, a_prev = abar[t], torch.where(t_prev >= 0, abar[t_prev.clamp_min(0)], torch.ones_like(abar[t]))
+        s = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+        z = torch.randn(2, 16, 3, generator=torch.Generator().manual_seed(0))  # the sampler's seed-0 stream
+        expected = (a_prev.sqrt()[None, :, None] * x0 + (1 - a_prev - s**2).sqrt()[None, :, None] * eps
+                    + s[None, :, None] * z).float()
+        sampler.reset()  # reseed the noise stream, keep the buffer
+        sampler.buffer, sampler.levels = start.clone(), torch.tensor([1] * 4 + [3] * 4 + [5] * 4 + [7] * 4)
+        with torch.no_grad():
+            sampler._step(cond, torch.ones(16, dtype=torch.bool))
+        torch.testing.assert_close(sampler.buffer, expected, rtol=1e-4, atol=1e-5)
+        assert sampler.levels.tolist() == [0] * 4 + [2] * 4 + [4] * 4 + [6] * 4
+
+
 def test_streaming_training_uses_chunkwise_noise():
     policy = _policy("streaming", streaming_training_prob=1.0)
     t = policy.sample_timesteps(64, 16, torch.device("cpu"))
