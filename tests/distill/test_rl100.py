@@ -23,23 +23,25 @@ from embodied_distill.distill.rl100 import (
 from embodied_distill.losses import normalize_advantages, ppo_clip_loss
 
 
-def _policy(min_std=1e-4, steps=10, seed=0):
+def _policy(min_std=1e-4, steps=10, seed=0, prediction_type="sample"):
     torch.manual_seed(seed)
     data = {"state": np.random.default_rng(0).normal(size=(300, 5)),
             "action": np.random.default_rng(1).uniform(-1, 1, size=(300, 3))}
     cfg = {"obs_dim": 5, "action_dim": 3, "action_horizon": 8, "n_action_steps": 4, "down_dims": [16, 32],
            "step_embed_dim": 16, "sampler": "ddim_eta", "num_inference_steps": steps, "eta": 1.0,
-           "min_std": min_std, "seed": 0}
+           "min_std": min_std, "seed": 0, "prediction_type": prediction_type}
     return build_policy("diffusion", cfg, Normalizer.fit(data)).eval()
 
 
-def test_sampler_step_log_probs_match_diffusers_mean_and_scipy_gaussian():
-    policy = _policy(min_std=1e-4)
+@pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])
+def test_sampler_step_log_probs_match_diffusers_mean_and_scipy_gaussian(prediction_type):
+    policy = _policy(min_std=1e-4, prediction_type=prediction_type)
     sampler = policy.sampler
     cond = torch.randn(4, 10)
     chain, log_probs = sampler.sample_chain(cond)
     assert chain.shape == (4, 11, 8, 3) and log_probs.shape == (4, 10)
-    ref = DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", clip_sample=True)
+    ref = DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", clip_sample=True,
+                        prediction_type=prediction_type)
     ref.set_timesteps(10)
     for k, t in enumerate(ref.timesteps):
         x = chain[:, k]
