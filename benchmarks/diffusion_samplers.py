@@ -1,12 +1,14 @@
-"""One diffusion-policy checkpoint, five samplers, side by side on PickCube.
+"""One diffusion-policy checkpoint, five samplers, side by side on PickCube (or a LIBERO-style task).
 
-    python benchmarks/diffusion_samplers.py [--checkpoint DIR] [--quick] [--out DIR]
+    python benchmarks/diffusion_samplers.py [--checkpoint DIR] [--libero] [--quick] [--out DIR]
 
 For each of ddpm-100, ddim-10, streaming (SDP buffer), rti (warm start) and consistency-1 (and -2):
 success on fixed unseen seeds, network calls per executed action, and latency per action and per
 chunk (batch 1, p50/p95), all in one process on the same checkpoint. Without ``--checkpoint`` it trains
 one first with ``python -m embodied_distill.train student=diffusion`` (``--quick``: a tiny budget that
-still exercises every sampler; its success figures mean nothing).
+still exercises every sampler; its success figures mean nothing). ``--libero`` does the same on the
+LIBERO-style ``libero_goal/put_red_cube_in_bowl`` (state observations, 100 demos, episodes end at the
+first success) and writes ``diffusion_samplers_libero.*``.
 """
 
 from __future__ import annotations
@@ -39,9 +41,15 @@ TRAIN_QUICK = ["demos.n_episodes=30", "distill.steps=300", "distill.batch_size=6
                "distill.consistency_steps=100", "eval.episodes=2", "eval.video_episodes=0"]
 
 
-def train(run_dir: Path, quick: bool) -> Path:
-    cmd = [sys.executable, "-m", "embodied_distill.train", "task=pickcube", "student=diffusion",
-           f"hydra.run.dir={run_dir}", *(TRAIN_QUICK if quick else TRAIN_FULL)]
+LIBERO = ["sim=libero", "task=libero_goal/put_red_cube_in_bowl", "demos.n_episodes=100", "distill.steps=4000",
+          "distill.consistency_steps=1500", "eval.video_episodes=0"]
+
+
+def train(run_dir: Path, quick: bool, libero: bool) -> Path:
+    task = LIBERO if libero else ["task=pickcube"]
+    extra = [*task, *TRAIN_QUICK] if quick else [*TRAIN_FULL, *task]  # later entries win
+    cmd = [sys.executable, "-m", "embodied_distill.train", "student=diffusion", f"hydra.run.dir={run_dir}",
+           *extra]
     print("[bench] training:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO_ROOT)
     return run_dir / "checkpoint"
@@ -66,6 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--libero", action="store_true", help="LIBERO-style libero_goal/put_red_cube_in_bowl")
     ap.add_argument("--episodes", type=int, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -73,13 +82,17 @@ def main() -> None:
     t_start = time.time()
 
     from embodied_distill.policies.base import load_policy
-    from embodied_distill.sim.maniskill import ManiSkillRunner
+    from omegaconf import OmegaConf
 
-    ckpt = args.checkpoint or train(REPO_ROOT / "outputs" / ("bench_diffusion_quick" if args.quick
-                                                             else "bench_diffusion"), args.quick)
+    from embodied_distill.train import make_runner
+
+    name = "diffusion_samplers" + ("_libero" if args.libero else "") + ("_quick" if args.quick else "")
+    run_dir = REPO_ROOT / "outputs" / name.replace("diffusion_samplers", "bench_diffusion")
+    ckpt = args.checkpoint or train(run_dir, args.quick, args.libero)
     episodes = args.episodes or (4 if args.quick else 50)
     policy, cfg, meta = load_policy(ckpt)
-    runner = ManiSkillRunner(cfg["task"], sim_backend="cpu")
+    runner = make_runner(OmegaConf.create(cfg))
+    task_name = cfg["task"]["name"]
     seed_start = int(cfg["eval"]["seed_start"])
     num_envs = 2
     rows, results = [], {}
@@ -88,9 +101,17 @@ def main() -> None:
         policy.set_sampler(sampler, **overrides)
         lat = chunk_latency(policy, obs, repeats=5 if args.quick else 30)
         policy.set_sampler(sampler, **overrides)
+        steps = [0]
+        select = policy.select_action
+
+        def counted(obs, _select=select, _steps=steps):  # one executed action per env and call
+            _steps[0] += 1
+            return _select(obs)
+
+        policy.select_action = counted
         report = runner.evaluate(policy, episodes, seed_start, num_envs=num_envs)
-        waves = -(-episodes // num_envs)
-        actions = waves * report["max_episode_steps"]  # select_action calls, each one action per env
+        del policy.select_action
+        actions = steps[0]
         res = {"sampler": sampler, "overrides": overrides, "success_rate": report["success_rate"],
                "success_stderr": report["success_stderr"], "episodes": report["episodes"],
                "network_calls_per_action": policy.sampler.calls / actions,
@@ -126,11 +147,11 @@ def main() -> None:
         "rti_within_5pts_of_ddim10": close("rti", base),
     }
     table += "\n\nTargets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items())
-    payload = {"checkpoint": str(ckpt), "task": "pickcube", "episodes": episodes, "seed_start": seed_start,
+    payload = {"checkpoint": str(ckpt), "task": task_name, "episodes": episodes, "seed_start": seed_start,
                "seeds": list(range(seed_start, seed_start + episodes)), "quick": args.quick,
                "policy_config": policy.policy_config_dict(), "train_meta": meta, "results": results,
                "targets": targets, "wall_time_s": time.time() - t_start}
-    out = write_results("diffusion_samplers" + ("_quick" if args.quick else ""), payload, table, args.out)
+    out = write_results(name, payload, table, args.out)
     try:
         import matplotlib
 
@@ -144,9 +165,8 @@ def main() -> None:
         ax.set_xscale("log")
         ax.set_xlabel("ms per chunk (batch 1, CPU)")
         ax.set_ylabel("success rate")
-        ax.set_title("PickCube: one checkpoint, five samplers")
+        ax.set_title(f"{task_name}: one checkpoint, five samplers")
         fig.tight_layout()
-        name = "diffusion_samplers" + ("_quick" if args.quick else "")
         fig.savefig(Path(out).parent / f"{name}.png", dpi=120)
     except Exception as e:  # the table and JSON are what count
         print(f"[bench] plot skipped: {e!r}")
