@@ -138,15 +138,16 @@ def stage_train(suite: str, budget: dict, run_dir: Path, ablation: str | None = 
     """Behaviour cloning with bc's own pieces (``read_demos``, ``build_student``, ``train_phase``: what
     ``python -m embodied_distill.train ... student=vla`` runs, resumable from ``run_dir/train_state``) except
     the dataset: it draws the first ``START_STEPS`` windows of every demo ``START_REPEAT`` times as often
-    (the train CLI's bc samples uniformly). Writes ``run_dir/checkpoint`` and ``metrics.jsonl``."""
+    (``distill.start_steps`` / ``start_repeat`` in the train CLI). Writes ``run_dir/checkpoint`` and
+    ``metrics.jsonl``."""
     import torch
     from omegaconf import OmegaConf
 
-    from embodied_distill.data.sampler import SequenceDataset
     from embodied_distill.distill.bc import (
         build_student,
         demo_store_path,
         read_demos,
+        sequence_dataset,
         student_ema_decay,
         train_phase,
     )
@@ -161,10 +162,7 @@ def stage_train(suite: str, budget: dict, run_dir: Path, ablation: str | None = 
     torch.manual_seed(int(cfg.seed))
     device = torch.device("cpu")
     policy = build_student(cfg, data, device)
-    pcfg = policy.config
-    dataset = SequenceDataset(data, ends, obs_keys=list(pcfg.obs_keys), obs_horizon=pcfg.obs_horizon,
-                              action_horizon=pcfg.action_horizon, start_steps=START_STEPS,
-                              start_repeat=START_REPEAT)
+    dataset = sequence_dataset(policy, data, ends, START_STEPS, START_REPEAT)
     logger = MetricLogger(run_dir)
     gen = torch.Generator().manual_seed(int(cfg.seed))
     step = train_phase("bc", policy, policy.compute_loss, cfg.distill.steps, cfg, dataset, gen,

@@ -11,8 +11,8 @@ import pytest
 
 pytestmark = pytest.mark.sim
 
-TINY = ["sim=maniskill", "task=pickcube", "student=mlp", "demos.n_episodes=4", "eval.episodes=2", "eval.num_envs=1",
-        "eval.video_episodes=1", "distill.log_every=20", "torch_threads=1"]
+TINY = ["sim=maniskill", "task=pickcube", "student=mlp", "demos.n_episodes=4", "eval.episodes=2",
+        "eval.num_envs=1", "eval.video_episodes=1", "distill.log_every=20", "torch_threads=1"]
 
 
 def _train(tmp_path, extra, **kw):

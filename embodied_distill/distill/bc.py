@@ -60,11 +60,14 @@ def read_demos(cfg: DictConfig, store_path: Path) -> tuple[dict[str, np.ndarray]
     return data, ends, max_demo_seed
 
 
-def sequence_dataset(policy, data: dict[str, np.ndarray], ends: np.ndarray) -> SequenceDataset:
-    """Training windows shaped for ``policy`` (its obs keys, To and Ta)."""
+def sequence_dataset(policy, data: dict[str, np.ndarray], ends: np.ndarray, start_steps: int = 0,
+                     start_repeat: int = 1) -> SequenceDataset:
+    """Training windows shaped for ``policy`` (its obs keys, To and Ta); the first ``start_steps`` steps of
+    every episode drawn ``start_repeat`` times as often (``distill.start_steps`` / ``start_repeat``)."""
     pcfg = policy.config
     return SequenceDataset(data, ends, obs_keys=list(pcfg.obs_keys), obs_horizon=pcfg.obs_horizon,
-                           action_horizon=pcfg.action_horizon)
+                           action_horizon=pcfg.action_horizon, start_steps=start_steps,
+                           start_repeat=start_repeat)
 
 
 def build_student(cfg: DictConfig, data: dict[str, np.ndarray], device: torch.device):
@@ -197,7 +200,8 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
 
     # ---------------------------------------------------------------- 2. normaliser + policy
     policy = build_student(cfg, data, device)
-    dataset = sequence_dataset(policy, data, ends)
+    dataset = sequence_dataset(policy, data, ends, int(dcfg.get("start_steps", 0)),
+                               int(dcfg.get("start_repeat", 1)))
     gen = torch.Generator().manual_seed(int(cfg.seed) + 1000 * rank)  # each rank draws its own batches
     logger = MetricLogger(run_dir) if rank == 0 else None
 

@@ -84,3 +84,14 @@ def test_crash_and_resume_reproduce_the_uninterrupted_ema(tmp_path):
                     tmp_path / "b_noema", MetricLogger(tmp_path), CPU, ema_decay=0.0)
         train_phase("t", policy, policy.compute_loss, 16, cfg, dataset, torch.Generator().manual_seed(0),
                     tmp_path / "b_noema", MetricLogger(tmp_path), CPU, ema_decay=0.9)
+
+
+def test_sequence_dataset_draws_episode_starts_more_often():
+    policy = _setup()[1]
+    rng = np.random.default_rng(0)
+    demo = {"state": rng.normal(size=(200, 4)).astype(np.float32),
+            "action": rng.uniform(-1, 1, size=(200, 2)).astype(np.float32)}
+    ends = np.array([50, 100, 150, 200])
+    plain = sequence_dataset(policy, demo, ends)
+    early = sequence_dataset(policy, demo, ends, start_steps=3, start_repeat=4)
+    assert len(early) == len(plain) + 4 * 3 * (4 - 1)  # 3 start windows per episode, 3 extra copies each
