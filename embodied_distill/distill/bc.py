@@ -148,8 +148,8 @@ def train_phase(name: str, policy, loss_fn, steps: int, cfg: DictConfig, dataset
             raise FloatingPointError(f"non-finite {name} loss at step {step}; last state is in {state_dir}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        distributed.average_gradients(params or policy.parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(params or policy.parameters(), dcfg.grad_clip)
+        distributed.average_gradients(trained)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, dcfg.grad_clip)
         optimizer.step()
         if ema:
             with torch.no_grad():
