@@ -195,7 +195,9 @@ def check_shared_action_space(student, teacher) -> None:
 
 def build_student(teacher, overrides: dict[str, Any], copy_from_teacher: Sequence[str] = ()):
     """A fresh student VLA: the teacher's config with ``overrides``, the teacher's normaliser (a copy),
-    and the weights of the ``copy_from_teacher`` submodules (name prefixes, e.g. ``"vision"``)."""
+    the teacher's instruction standardiser (``text_norm`` statistics, copied and frozen: the student
+    trains on a few tasks' instructions only) and the weights of the ``copy_from_teacher`` submodules
+    (name prefixes, e.g. ``"vision"``)."""
     from embodied_distill.data.normalizer import Normalizer
     from embodied_distill.policies.base import build_policy
 
@@ -216,6 +218,11 @@ def build_student(teacher, overrides: dict[str, Any], copy_from_teacher: Sequenc
             raise ValueError(f"cannot copy {prefix!r} from the teacher: "
                              + (f"mismatched parameters {bad[:5]}" if keys else "no such submodule"))
         student.load_state_dict({k: t_state[k].clone() for k in keys}, strict=False)
+    if getattr(student.config, "text_norm", False):
+        if not getattr(teacher.config, "text_norm", False):
+            raise ValueError("the student standardises instructions (text_norm) but the teacher does not: "
+                             "no statistics to copy; set student_overrides.text_norm=false")
+        student.freeze_text_norm(teacher.text_norm.state_dict())
     return student
 
 
@@ -505,6 +512,7 @@ def collect(runner, student, teacher, cfg: VLAOPDConfig, indices: Sequence[int],
     ``seed_start + e``, driver from :func:`driver_schedule`. Returns decision points and totals."""
     parts, succ, ents = [], [], []
     env_steps = queries = 0
+    student.eval()  # the student acts as it is evaluated (no dropout); update() trains it
     for e in range(first_episode, first_episode + count):
         i = indices[e % len(indices)]
         driver = driver_schedule(e, fraction)
@@ -566,6 +574,8 @@ def train_opd(runner, student, teacher, cfg: VLAOPDConfig, *, seed: int = 0,
     device = torch.device(device)
     check_shared_action_space(student, teacher)
     teacher.eval().requires_grad_(False)
+    if hasattr(student, "freeze_text_norm"):  # trained on cfg.train_tasks' instructions only
+        student.freeze_text_norm()
     indices = task_indices(runner, cfg.train_tasks)
     held_out = [i for i in range(len(runner.specs)) if i not in indices] if cfg.eval_held_out else []
     seed_start = cfg.train_seed_start + 10_000 * seed

@@ -100,6 +100,7 @@ class VLAPolicy(Policy):
         if cfg.text_norm:
             # momentum=None: inference uses the mean of the statistics of all training batches
             self.text_norm = nn.BatchNorm1d(cfg.text_dim, affine=False, momentum=None)
+        self.text_norm_frozen = False
         if cfg.text_tokens:
             self.word_proj = nn.Linear(cfg.text_dim, d)
             self.word_pos = nn.Parameter(torch.randn(cfg.text_tokens, d) * 0.02)
@@ -128,6 +129,24 @@ class VLAPolicy(Policy):
                                            batch_first=True, norm_first=True)
         self.transformer = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
         self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.action_dim * cfg.n_bins))
+
+    def freeze_text_norm(self, statistics: Mapping[str, Tensor] | None = None) -> None:
+        """Keep the instruction standardiser fixed from now on (optionally loading ``statistics``, a
+        ``text_norm`` state dict, e.g. the teacher's): it stays in eval mode under ``train()``, so
+        fine-tuning on a few tasks' instructions (or on batches of one) does not move the statistics
+        the other tasks are read with. No-op without ``text_norm``."""
+        if not self.config.text_norm:
+            return
+        if statistics is not None:
+            self.text_norm.load_state_dict({k: v.clone() for k, v in statistics.items()})
+        self.text_norm_frozen = True
+        self.text_norm.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.text_norm_frozen:
+            self.text_norm.eval()
+        return self
 
     # ------------------------------------------------------------------ tokens
     def embed_instructions(self, instructions: list[str]) -> Tensor:

@@ -52,7 +52,7 @@ def obs_dim(runner) -> int:
         venv.close()
 
 
-def tiny_vla(obs_dim: int, seed: int, d_model: int = 16, sharpness: float = 1.0):
+def tiny_vla(obs_dim: int, seed: int, d_model: int = 16, sharpness: float = 1.0, text_norm: bool = False):
     """A state + instruction VLA with a (B, 4, 7, 16) head; ``sharpness`` scales its logits."""
     from embodied_distill.policies.base import build_policy
 
@@ -61,7 +61,8 @@ def tiny_vla(obs_dim: int, seed: int, d_model: int = 16, sharpness: float = 1.0)
     torch.manual_seed(seed)
     policy = build_policy("vla", dict(obs_keys=["state", "instruction"], image_keys=[], obs_dim=obs_dim,
                                       action_dim=DA, obs_horizon=1, action_horizon=TA, n_action_steps=2,
-                                      d_model=d_model, n_layers=1, n_heads=2, n_bins=N_BINS, dropout=0.0),
+                                      d_model=d_model, n_layers=1, n_heads=2, n_bins=N_BINS, dropout=0.0,
+                                      text_norm=text_norm),
                           norm)
     with torch.no_grad():
         policy.head[-1].weight.mul_(sharpness)
@@ -216,6 +217,33 @@ class RecordingVecEnv:
     def step(self, actions):
         self.actions.append(np.array(actions, copy=True))
         return self.venv.step(actions)
+
+
+def test_student_reads_instructions_with_the_teachers_frozen_standardiser(runner, obs_dim):
+    """text_norm: the fresh student copies the teacher's statistics and keeps them under train(): a
+    train-mode batch of one instruction (a rollout, or OPD on one task) neither fails nor moves them."""
+    teacher = tiny_vla(obs_dim, seed=6, text_norm=True).train()
+    names = [s.instruction for s in runner.specs]
+    for _ in range(5):  # the teacher's statistics, from training batches of every instruction
+        teacher.embed_instructions(names * 2)
+    teacher.eval()
+    student = build_student(teacher, {"d_model": 8})
+    for k, v in teacher.text_norm.state_dict().items():
+        assert torch.equal(student.text_norm.state_dict()[k], v), k
+    before = {k: v.clone() for k, v in student.text_norm.state_dict().items()}
+    student.train()
+    assert student.training and not student.text_norm.training
+    emb = student.embed_instructions(names[:1])  # batch of one: BatchNorm in train mode would raise
+    torch.testing.assert_close(emb, teacher.embed_instructions(names[:1]))
+    student.embed_instructions(names[:1] * 8)
+    for k, v in before.items():
+        assert torch.equal(student.text_norm.state_dict()[k], v), k
+    venv = runner.make_vec_env(1)
+    try:  # a fresh student (nn.Module default: train mode) rolls out without error
+        rollout(venv, build_student(teacher, {"d_model": 8}).train(), teacher, [1_000_001], 4,
+                driver="student", temperature=1.0, generator=torch.Generator().manual_seed(0))
+    finally:
+        venv.close()
 
 
 def test_rollouts_record_the_students_own_tokens(runner, obs_dim):
