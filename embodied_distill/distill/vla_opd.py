@@ -121,7 +121,9 @@ class VLAOPDConfig:
     ``n_layers: 2``); the student gets the teacher's normaliser and tokenizer settings."""
     student_init_from_teacher: tuple[str, ...] = ()
     """Submodules whose weights a fresh student copies from the teacher (e.g. ``[vision]``: the image
-    encoder, when its config is not overridden); every parameter under each prefix must match in shape."""
+    encoder, when its config is not overridden); every parameter under each prefix must match in shape.
+    ``["*"]``: every parameter that matches in name and shape (with ``n_layers`` reduced: the teacher's
+    first layers, encoders and head, a layer-dropped student)."""
     teacher_query_budget: int | None = None
     """Stop after the iteration at which the cumulative teacher queries reach this (None: run all
     ``iterations``); runs with equal budgets compare methods at equal teacher queries."""
@@ -212,6 +214,13 @@ def build_student(teacher, overrides: dict[str, Any], copy_from_teacher: Sequenc
     student = build_policy(name, cfg, normalizer)
     t_state, s_state = teacher.state_dict(), student.state_dict()
     for prefix in copy_from_teacher:
+        if prefix == "*":  # every tensor the student has under the same name and shape (a layer-dropped
+            # student keeps the teacher's first layers, its encoders and its head)
+            keys = [k for k in t_state if k in s_state and s_state[k].shape == t_state[k].shape]
+            if not keys:
+                raise ValueError("cannot copy '*' from the teacher: no parameter matches in name and shape")
+            student.load_state_dict({k: t_state[k].clone() for k in keys}, strict=False)
+            continue
         keys = [k for k in t_state if k.startswith(prefix + ".")]
         bad = [k for k in keys if k not in s_state or s_state[k].shape != t_state[k].shape]
         if not keys or bad:

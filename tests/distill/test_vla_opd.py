@@ -343,3 +343,21 @@ def test_student_copies_teacher_submodules_and_stops_at_the_query_budget(runner,
     curve = train_opd(runner, student, teacher, cfg, seed=0)["curve"]
     assert [p["teacher_queries"] for p in curve] == [0, 6, 12]  # stopped once 10 queries were spent
     assert "success_train" not in curve[0] and "success_train" in curve[-1]
+
+
+def test_layer_dropped_student_copies_every_matching_weight(runner, obs_dim):
+    """copy_from_teacher=["*"]: a student with one layer fewer gets the teacher's first layer, encoders and
+    head; with the teacher's own config it is the teacher (identical logits)."""
+    teacher = build_student(tiny_vla(obs_dim, seed=8, sharpness=3.0), {"n_layers": 2})
+    student = build_student(teacher, {"n_layers": 1}, copy_from_teacher=["*"])
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    assert not any(k.startswith("transformer.layers.1.") for k in s_state)
+    for k, v in s_state.items():
+        assert torch.equal(v, t_state[k]), k
+    clone = build_student(teacher, {}, copy_from_teacher=["*"]).eval()
+    history = {"state": torch.randn(2, 1, obs_dim, generator=torch.Generator().manual_seed(0)),
+               "instruction": [s.instruction for s in runner.specs[:2]]}
+    with torch.no_grad():
+        torch.testing.assert_close(clone.action_distribution(history), teacher.action_distribution(history))
+    with pytest.raises(ValueError, match="cannot copy '\\*'"):
+        build_student(teacher, {"n_bins": 32, "d_model": 8, "text_dim": 16}, copy_from_teacher=["*"])
