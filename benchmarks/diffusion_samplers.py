@@ -7,7 +7,7 @@ success on fixed unseen seeds, network calls per executed action, and latency pe
 chunk (batch 1, p50/p95), all in one process on the same checkpoint. Without ``--checkpoint`` it trains
 one first with ``python -m embodied_distill.train student=diffusion`` (``--quick``: a tiny budget that
 still exercises every sampler; its success figures mean nothing). ``--libero`` does the same on the
-LIBERO-style ``libero_goal/put_red_cube_in_bowl`` (state observations, 100 demos, episodes end at the
+LIBERO-style ``libero_goal/put_red_cube_in_bowl`` (state observations, 200 demos, episodes end at the
 first success) and writes ``diffusion_samplers_libero.*``.
 """
 
@@ -41,8 +41,8 @@ TRAIN_QUICK = ["demos.n_episodes=30", "distill.steps=300", "distill.batch_size=6
                "distill.consistency_steps=100", "eval.episodes=2", "eval.video_episodes=0"]
 
 
-LIBERO = ["sim=libero", "task=libero_goal/put_red_cube_in_bowl", "demos.n_episodes=100", "distill.steps=4000",
-          "distill.consistency_steps=1500", "eval.video_episodes=0"]
+LIBERO = ["sim=libero", "task=libero_goal/put_red_cube_in_bowl", "demos.n_episodes=200", "distill.steps=8000",
+          "distill.consistency_steps=3000", "eval.video_episodes=0"]
 
 
 def train(run_dir: Path, quick: bool, libero: bool) -> Path:

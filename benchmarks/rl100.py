@@ -33,7 +33,7 @@ COMMON = ["student=diffusion", "distill=rl100", "torch_threads=1", "eval.num_env
           "eval.video_episodes=0", "distill.batch_size=64", "distill.checkpoint_every=250",
           "distill.consistency_steps=500"]
 FULL = {"pickcube": ["demos.n_episodes=1000", "eval.episodes=50"],
-        "pushcube": ["demos.n_episodes=150", "eval.episodes=50", "distill.steps=2000"]}
+        "pushcube": ["demos.n_episodes=150", "eval.episodes=50", "distill.steps=3500"]}
 QUICK = ["demos.n_episodes=20", "eval.episodes=4", "distill.steps=200", "distill.consistency_steps=20",
          "distill.rl.rollout_episodes=4", "distill.rl.critic_steps=200", "distill.rl.offline_iterations=1",
          "distill.rl.online_episodes=2", "distill.rl.ppo_rounds=1", "distill.rl.ppo_states=32"]
