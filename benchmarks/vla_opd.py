@@ -11,7 +11,8 @@ each short enough to run alone (``--stage``), all in order by default:
 2. ``init``: one smaller student VLA (the teacher with its last fusion layer dropped, every other
    weight copied: ``STUDENT``), warm-started by SFT (hard CE) on a few teacher rollouts of every task of
    the suite ("a student at 0% success never improves"; the held-out tasks then start above 0, so
-   forgetting shows); evaluated on every task. Every method starts from this checkpoint and trains on the first tasks only.
+   forgetting shows); evaluated on every task. Every method starts from this checkpoint and trains on
+   the first tasks only.
 3. one stage per method, the same teacher-query budget each (``distill.teacher_query_budget``):
    ``reverse_kl_opd`` (student-driven, KL(S || T)), ``forward_kl_opd`` (student-driven, KL(T || S)),
    ``offpolicy_sft`` (teacher-driven, hard CE on the teacher's tokens), ``hard_ce_onpolicy``
