@@ -31,7 +31,7 @@ from _common import REPO_ROOT, write_results  # noqa: E402
 
 COMMON = ["student=diffusion", "distill=rl100", "torch_threads=1", "eval.num_envs=2",
           "eval.video_episodes=0", "distill.batch_size=64", "distill.checkpoint_every=250",
-          "distill.consistency_steps=500"]
+          "distill.consistency_steps=3000"]
 FULL = {"pickcube": ["demos.n_episodes=1000", "eval.episodes=50"],
         "pushcube": ["demos.n_episodes=150", "eval.episodes=50", "distill.steps=3500"]}
 QUICK = ["demos.n_episodes=20", "eval.episodes=4", "distill.steps=200", "distill.consistency_steps=20",
