@@ -50,7 +50,7 @@ LABELS = {"reverse_kl_opd": "reverse-KL OPD", "forward_kl_opd": "forward-KL OPD"
           "offpolicy_sft": "off-policy SFT (teacher rollouts)", "hard_ce_onpolicy": "on-policy hard CE"}
 # the budgets: decision points (teacher queries) per method, evaluation episodes per task, ...
 FULL = {"n_train_tasks": 2, "eval_episodes": 8, "sft_episodes": 10, "sft_updates": 400,
-        "budget": 480, "iterations": 40, "episodes_per_iter": 2, "updates_per_iter": 40, "batch_size": 32,
+        "budget": 960, "iterations": 40, "episodes_per_iter": 2, "updates_per_iter": 40, "batch_size": 32,
         "eval_every": 3, "max_episode_steps": None}
 QUICK = {"n_train_tasks": 1, "eval_episodes": 3, "sft_episodes": 5, "sft_updates": 40,
          "budget": 60, "iterations": 10, "episodes_per_iter": 1, "updates_per_iter": 10, "batch_size": 16,
