@@ -113,16 +113,42 @@ def predict_x0(
     return x0, eps
 
 
-def ddim_step(x0_pred: Tensor, eps_pred: Tensor, prev_timesteps: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """Deterministic DDIM (eta = 0) step: ``x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps``.
+def _prev_alpha_bar(alphas_cumprod: Tensor, prev_timesteps: Tensor, device: torch.device) -> Tensor:
+    """``abar`` at ``prev_timesteps``; a negative entry ("past the last step") gives ``abar = 1``, like
+    diffusers' ``final_alpha_cumprod`` with ``set_alpha_to_one``."""
+    prev = prev_timesteps.long().to(device)
+    abar = alphas_cumprod.to(device)[prev.clamp_min(0)]
+    return torch.where(prev >= 0, abar, torch.ones_like(abar))
 
-    ``prev_timesteps`` ``(B,)``; a negative entry means "past the last step" and uses ``abar = 1``
-    (returns x0), like diffusers' ``final_alpha_cumprod`` with ``set_alpha_to_one``.
+
+def ddim_sigma(timesteps: Tensor, prev_timesteps: Tensor, alphas_cumprod: Tensor, eta: float = 1.0) -> Tensor:
+    """DDIM's noise std of the step ``t -> t_prev`` (Song et al. 2021, eq. 16), shaped like ``timesteps``::
+
+        sigma = eta * sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+
+    ``eta = 1`` is the DDPM posterior std, ``eta = 0`` deterministic DDIM; a negative ``prev`` means
+    ``abar_prev = 1`` (sigma 0); ``timesteps`` are clamped at 0 (the step the network is evaluated at).
     """
-    prev = prev_timesteps.long().to(x0_pred.device)
-    abar = alphas_cumprod.to(x0_pred.device)[prev.clamp_min(0)]
-    abar = torch.where(prev >= 0, abar, torch.ones_like(abar))
-    return _per_sample(abar.sqrt(), x0_pred) * x0_pred + _per_sample((1.0 - abar).sqrt(), x0_pred) * eps_pred
+    device = alphas_cumprod.device
+    a_t = alphas_cumprod[timesteps.long().to(device).clamp_min(0)]
+    a_prev = _prev_alpha_bar(alphas_cumprod, prev_timesteps, device)
+    return eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp_min(0).sqrt()
+
+
+def ddim_step(x0_pred: Tensor, eps_pred: Tensor, prev_timesteps: Tensor, alphas_cumprod: Tensor,
+              sigma: Tensor | None = None) -> Tensor:
+    """DDIM step to ``prev_timesteps``, without its noise term::
+
+        x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps     (+ sigma z, added by the caller)
+
+    ``sigma`` (``ddim_sigma``, shaped like ``prev_timesteps``) None or 0: the deterministic step (eta = 0).
+    ``prev_timesteps`` ``(B,)`` or ``(B, T)`` per position; a negative entry means "past the last step"
+    and uses ``abar = 1`` (returns x0).
+    """
+    abar = _prev_alpha_bar(alphas_cumprod, prev_timesteps, x0_pred.device)
+    var = 1.0 - abar if sigma is None else (1.0 - abar - sigma.to(abar) ** 2).clamp_min(0)
+    direction = var.sqrt()
+    return _per_sample(abar.sqrt(), x0_pred) * x0_pred + _per_sample(direction, x0_pred) * eps_pred
 
 
 def consistency_scalings(

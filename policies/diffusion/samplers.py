@@ -24,7 +24,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor
 
-from embodied_distill.losses import add_noise, ddim_step
+from embodied_distill.losses import add_noise, ddim_sigma, ddim_step
 
 if TYPE_CHECKING:
     from embodied_distill.policies.diffusion.modeling_diffusion import DiffusionPolicy
@@ -111,16 +111,13 @@ class StreamingSampler(Sampler):
         new_levels = torch.where(lower, self.levels - 1, self.levels)
         t_prev = level_to_timestep(new_levels, cfg.n_levels, cfg.num_train_timesteps,
                                    cfg.streaming_level_power).to(cond.device)
-        stepped = ddim_step(x0, eps, t_prev[None].expand(B, -1), self.policy.alphas_cumprod)
-        if cfg.streaming_eta > 0:  # DDIM with eta: part of the direction term becomes fresh noise
-            abar = self.policy.alphas_cumprod.to(cond.device)
-            a_t = abar[t.clamp_min(0)]
-            a_prev = torch.where(t_prev >= 0, abar[t_prev.clamp_min(0)], torch.ones_like(a_t))
-            var = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0)
-            sigma = (cfg.streaming_eta * var.sqrt()).clamp(max=(1 - a_prev).sqrt())[None, :, None]
-            direction = (1 - a_prev[None, :, None] - sigma**2).clamp_min(0).sqrt()
-            stepped = (a_prev.sqrt()[None, :, None] * x0 + direction * eps
-                       + sigma * self.noise(*x0.shape, device=cond.device))
+        abar = self.policy.alphas_cumprod
+        sigma = None  # DDIM with eta > 0: part of the direction term becomes fresh noise (per position)
+        if cfg.streaming_eta > 0:
+            sigma = ddim_sigma(t, t_prev, abar, cfg.streaming_eta).to(cond.device)
+        stepped = ddim_step(x0, eps, t_prev[None].expand(B, -1), abar, sigma=sigma)
+        if sigma is not None:
+            stepped = stepped + sigma[None, :, None] * self.noise(*x0.shape, device=cond.device)
         self.buffer = torch.where(lower.to(cond.device)[None, :, None], stepped, self.buffer)
         self.levels = new_levels
 

@@ -24,7 +24,7 @@ from diffusers import DDIMScheduler
 from embodied_distill.policies.diffusion.samplers import Sampler
 from torch import Tensor
 
-from embodied_distill.losses import gaussian_nll
+from embodied_distill.losses import ddim_sigma, ddim_step, gaussian_nll
 
 if TYPE_CHECKING:
     from embodied_distill.policies.diffusion.modeling_diffusion import DiffusionPolicy
@@ -45,18 +45,14 @@ class StochasticDDIMSampler(Sampler):
 
     def step_distribution(self, x: Tensor, k: int, cond: Tensor) -> tuple[Tensor, Tensor]:
         """Mean ``(B, Ta, Da)`` and std (scalar tensor) of ``p(x_{t_prev} | x_t)`` at denoising step k."""
-        t, t_prev = int(self.timesteps[k]), int(self.prev_timesteps[k])
         abar = self.policy.alphas_cumprod
-        a_t = abar[t]
-        a_prev = abar[t_prev] if t_prev >= 0 else torch.ones_like(a_t)
-        timesteps = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        timesteps = self.timesteps[k].expand(x.shape[0]).to(x.device)
+        prev = self.prev_timesteps[k].expand(x.shape[0])
         x0, eps = self.policy.denoise(x, timesteps, cond)
-        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-        ddim_std = self.cfg.eta * var.clamp_min(0).sqrt()
-        std = ddim_std.clamp_min(self.cfg.min_std)
+        ddim_std = ddim_sigma(self.timesteps[k], self.prev_timesteps[k], abar, self.cfg.eta)  # scalar
         # the direction term keeps DDIM's own sigma (diffusers' formula); the floor only widens the noise
-        mean = a_prev.sqrt() * x0 + (1 - a_prev - ddim_std**2).clamp_min(0).sqrt() * eps
-        return mean, std
+        mean = ddim_step(x0, eps, prev, abar, sigma=ddim_std.expand(x.shape[0]))
+        return mean, ddim_std.clamp_min(self.cfg.min_std)
 
     @staticmethod
     def log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> Tensor:

@@ -72,6 +72,30 @@ def test_ddim_step_with_exact_predictions_stays_on_the_noising_path():
     torch.testing.assert_close(stepped[~valid], x0[~valid])  # past the last step: x0
 
 
+def test_ddim_sigma_and_noisy_step_match_diffusers():
+    """sigma = eta * sqrt(variance) of diffusers' DDIMScheduler; the step's mean is its eta > 0 update
+    without the noise (variance_noise = 0); a negative prev (past the last step) gives sigma 0."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", clip_sample=False,
+                          prediction_type="sample")
+    sched.set_timesteps(10)
+    abar = sched.alphas_cumprod
+    x0, eps, _ = _batch(4)
+    for t in (90, 40, 0):
+        prev = torch.tensor(t - 10)
+        for eta in (0.3, 1.0):
+            sigma = L.ddim_sigma(torch.tensor(t), prev, abar, eta)
+            assert sigma.item() == pytest.approx(eta * sched._get_variance(t, int(prev)).sqrt().item(),
+                                                 rel=1e-5, abs=1e-7)
+            a = abar[t]
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            expected = sched.step(x0, t, x_t, eta=eta, variance_noise=torch.zeros_like(x0)).prev_sample
+            stepped = L.ddim_step(x0, eps, prev.expand(len(x0)), abar, sigma=sigma.expand(len(x0)))
+            torch.testing.assert_close(stepped, expected, rtol=1e-4, atol=1e-5)
+    assert L.ddim_sigma(torch.tensor(5), torch.tensor(-1), abar).item() == 0.0
+
+
 def test_consistency_scalings_by_hand_and_boundary():
     t = torch.tensor([0, 1, 20])
     c_skip, c_out = L.consistency_scalings(t)
