@@ -39,7 +39,8 @@ COMPASS                            residual PPO as RPD; specialist -> generalist
                                    or ``masked_mse``
 VLA-OPD                            token-level ``reverse_kl`` over the 256 action bins per dimension,
                                    or ``opd_advantage`` / ``sampled_kl_k3`` on sampled action tokens
-RL-100                             ``ppo_clip_loss`` per denoising step, ``expectile_loss`` (IQL
+RL-100                             ``ppo_clip_loss`` per denoising step of ``ddim_step`` +
+                                   ``ddim_sigma`` (stochastic DDIM), ``expectile_loss`` (IQL
                                    critic), ``compute_gae`` (online), ``denoising_loss`` (BC),
                                    ``consistency_loss`` + ``consistency_output`` + ``ddim_step`` +
                                    ``ema_update`` (consistency head)
