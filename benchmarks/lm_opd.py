@@ -20,6 +20,11 @@ batch size, ``max_new_tokens``, learning rate and number of steps:
 * ``ours_gkd_topk``: the same with the teacher returning only its top-64 log-probs per token.
 * ``ours_all_tokens`` / ``ours_tip50``: on-policy reverse KL on materialised logits
   (``loss_path=logits``), on all completion tokens vs TIP's 50% highest-entropy tokens.
+* ``ours_all_tokens_b256`` / ``ours_tip50_b256``: the same pair in TIP's regime, where the
+  (tokens x vocabulary) tensors of the loss outweigh the weights and optimiser state: batch 256 (about
+  2800 trained tokens per step), 10 steps, the student's activations recomputed in backward
+  (``train.gradient_checkpointing``) on both sides. At batch 8 (about 90 tokens) the loss's tensors are a
+  few percent of the peak, so no token selection can move it much there.
 * ``ours_live_topk`` / ``ours_offline``: JSD on the teacher's top-64 over teacher-sampled completions
   (sequence-level KD), generated and scored live every step vs precomputed once into an offline cache
   (Lightning OPD; the cache build is timed apart and no teacher is in memory while training).
@@ -56,7 +61,7 @@ STUDENT_LAYERS = "[0,1,2,3,4,5]"
 SEED = 0
 
 # unlabeled: extra answer-less training prompts ("What is the plural of <vocabulary word>?")
-FULL = {"steps": 20, "batch_size": 8, "max_new_tokens": 12, "lr": 3e-4, "warmup_steps": 600, "unlabeled": 500}
+FULL = {"steps": 60, "batch_size": 8, "max_new_tokens": 12, "lr": 3e-4, "warmup_steps": 600, "unlabeled": 500}
 FULL["eval_limit"] = None
 QUICK = {"steps": 4, "batch_size": 4, "max_new_tokens": 8, "lr": 3e-4, "warmup_steps": 60, "unlabeled": 100}
 QUICK["eval_limit"] = 16
@@ -75,6 +80,18 @@ VARIANTS: dict[str, dict] = {
     "ours_tip50": {
         "engine": "ours",
         "distill": {"loss": "reverse_kl", "loss_path": "logits", "tip_fraction": 0.5, "tip_rule": "entropy"},
+    },
+    # TIP's regime: (tokens x vocabulary) tensors large next to the weights and optimiser state. The same
+    # pair again at batch 256 with the student's activations recomputed in backward (both sides).
+    "ours_all_tokens_b256": {
+        "engine": "ours",
+        "distill": {"loss": "reverse_kl", "loss_path": "logits"},
+        "setup": {"batch_size": 256, "steps": 10, "gradient_checkpointing": True},
+    },
+    "ours_tip50_b256": {
+        "engine": "ours",
+        "distill": {"loss": "reverse_kl", "loss_path": "logits", "tip_fraction": 0.5, "tip_rule": "entropy"},
+        "setup": {"batch_size": 256, "steps": 10, "gradient_checkpointing": True},
     },
     "ours_live_topk": {
         "engine": "ours",
@@ -148,8 +165,22 @@ def _lm_cfg(setup: dict, spec: dict):
     return LMConfig(
         distill=DistillConfig(**distill),
         offline=OfflineConfig(enabled=spec["engine"] == "offline", source="teacher", greedy=False),
-        train=TrainConfig(steps=setup["steps"], batch_size=setup["batch_size"], lr=setup["lr"], seed=SEED),
+        train=TrainConfig(
+            steps=setup["steps"],
+            batch_size=setup["batch_size"],
+            lr=setup["lr"],
+            seed=SEED,
+            gradient_checkpointing=setup.get("gradient_checkpointing", False),
+        ),
     )
+
+
+def variant_setup(setup: dict, name: str) -> dict:
+    """The shared setup with the variant's own overrides (batch size, steps, checkpointing) applied."""
+    extra = dict(VARIANTS[name].get("setup", {}))
+    if setup.get("quick") and extra:  # quick runs keep their few steps; the batch only doubles
+        extra.update(batch_size=2 * setup["batch_size"], steps=setup["steps"])
+    return {**setup, **extra}
 
 
 def _build_cache(setup: dict, spec: dict, teacher, student, tokenizer, train) -> tuple[object, dict]:
@@ -334,6 +365,7 @@ def worker(name: str, setup: dict, student_dir: str, result: str) -> None:
         }
     else:
         spec = VARIANTS[name]
+        setup = variant_setup(setup, name)
         extra: dict = {}
         if spec["engine"] == "trl":
             out = _trl(spec, setup, teacher, student, tokenizer, split.train)
@@ -430,9 +462,9 @@ def _pct(x: float | None) -> str:
 
 def table(results: dict, setup: dict, before: dict, label: str) -> str:
     rows = [
-        "| variant | loss / teacher | trained tok/s | s/step | peak RSS (MiB) "
+        "| variant | loss / teacher | batch x steps | trained tok/s | s/step | peak RSS (MiB) "
         "| train peak above loaded (MiB) | exact-match before -> after | KL(S||T) held-out before -> after |",
-        "|---|---|---:|---:|---:|---:|---|---|",
+        "|---|---|---|---:|---:|---:|---:|---|---|",
     ]
     desc = {
         "trl_gkd": "TRL GKDTrainer, JSD(0.5), full logits",
@@ -440,6 +472,8 @@ def table(results: dict, setup: dict, before: dict, label: str) -> str:
         "ours_gkd_topk": "JSD(0.5), teacher top-64",
         "ours_all_tokens": "reverse KL, logits, all tokens",
         "ours_tip50": "reverse KL, logits, TIP 50% by entropy",
+        "ours_all_tokens_b256": "reverse KL, logits, all tokens; batch 256, activation checkpointing",
+        "ours_tip50_b256": "reverse KL, logits, TIP 50% by entropy; batch 256, activation checkpointing",
         "ours_live_topk": "JSD top-64, live teacher (seq-KD rollouts)",
         "ours_offline": "JSD top-64, offline cache (no teacher)",
     }
@@ -448,8 +482,10 @@ def table(results: dict, setup: dict, before: dict, label: str) -> str:
     for name, r in results.items():
         kl_a = r["after"].get("reverse_kl_to_teacher")
         kl = "-" if kl_a is None or kl_b is None else f"{kl_b:.2f} -> {kl_a:.2f}"
+        vs = variant_setup(setup, name)
         rows.append(
-            f"| `{name}` | {desc[name]} | {r['tokens_per_s']:.1f} | {r['s_per_step']:.2f} | "
+            f"| `{name}` | {desc[name]} | {vs['batch_size']} x {vs['steps']} | {r['tokens_per_s']:.1f} | "
+            f"{r['s_per_step']:.2f} | "
             f"{r['peak_rss_mib']:.0f} | {r['train_peak_above_loaded_mib']:.0f} | "
             f"{_pct(b)} -> {_pct(r['after']['exact_match'])} | {kl} |"
         )
@@ -491,11 +527,55 @@ def ratios(results: dict) -> dict:
         ),
         "offline_speedup_per_step_vs_live": inv("ours_live_topk", "ours_offline", "s_per_step"),
     }
-    if "ours_tip50" in results and "ours_all_tokens" in results:
-        out["tip50_exact_match_minus_all_tokens_points"] = 100 * (
-            results["ours_tip50"]["after"]["exact_match"] - results["ours_all_tokens"]["after"]["exact_match"]
-        )
+    for suffix in ("", "_b256"):
+        tip, full = f"ours_tip50{suffix}", f"ours_all_tokens{suffix}"
+        if tip in results and full in results:
+            out[f"tip50{suffix}_peak_rss_vs_all_tokens"] = get(tip, full, "peak_rss_mib")
+            out[f"tip50{suffix}_train_peak_above_loaded_vs_all_tokens"] = get(
+                tip, full, "train_peak_above_loaded_mib"
+            )
+            out[f"tip50{suffix}_exact_match_minus_all_tokens_points"] = 100 * (
+                results[tip]["after"]["exact_match"] - results[full]["after"]["exact_match"]
+            )
+    for name in ("ours_gkd", "ours_gkd_topk"):
+        if name in results and "trl_gkd" in results:
+            out[f"exact_match_{name}_minus_trl_points"] = 100 * (
+                results[name]["after"]["exact_match"] - results["trl_gkd"]["after"]["exact_match"]
+            )
     return out
+
+
+def targets(rat: dict) -> dict:
+    """The issue's targets, each ``True`` (met), ``False`` (missed) or ``None`` (not measured)."""
+
+    def check(*keys, test):
+        values = [rat.get(k) for k in keys]
+        return None if any(v is None for v in values) else bool(test(*values))
+
+    def tip(suffix):
+        return check(
+            f"tip50{suffix}_peak_rss_vs_all_tokens",
+            f"tip50{suffix}_exact_match_minus_all_tokens_points",
+            test=lambda mem, em: mem <= 0.7 and abs(em) <= 2.0,
+        )
+
+    return {
+        # >= 1.5x TRL's throughput at <= 0.7x its peak memory, with the top-k or the chunked loss
+        "topk_1.5x_throughput_0.7x_peak_vs_trl": check(
+            "throughput_ours_topk_vs_trl",
+            "peak_rss_ours_topk_vs_trl",
+            test=lambda t, m: t >= 1.5 and m <= 0.7,
+        ),
+        "chunked_1.5x_throughput_0.7x_peak_vs_trl": check(
+            "throughput_ours_gkd_vs_trl", "peak_rss_ours_gkd_vs_trl", test=lambda t, m: t >= 1.5 and m <= 0.7
+        ),
+        "exact_match_ge_trl_topk": check("exact_match_ours_gkd_topk_minus_trl_points", test=lambda d: d >= 0),
+        "exact_match_ge_trl_chunked": check("exact_match_ours_gkd_minus_trl_points", test=lambda d: d >= 0),
+        # TIP 50%: >= 30% lower peak memory, exact-match within 2 points of all tokens
+        "tip50_30pct_less_peak_within_2pts": tip(""),
+        "tip50_b256_30pct_less_peak_within_2pts": tip("_b256"),
+        "offline_2x_faster_per_step": check("offline_speedup_per_step_vs_live", test=lambda x: x >= 2.0),
+    }
 
 
 def main() -> None:
@@ -514,7 +594,7 @@ def main() -> None:
     if args.worker:
         worker(args.worker, json.loads(args.setup), args.student, args.result)
         return
-    setup = dict(QUICK if args.quick else FULL)
+    setup = dict(QUICK if args.quick else FULL, quick=args.quick)
     if args.steps:
         setup["steps"] = args.steps
     t0 = time.perf_counter()
@@ -528,6 +608,12 @@ def main() -> None:
     md = table(results, setup, before, label)
     rat = ratios(results)
     md += "\nRatios: " + ", ".join(f"{k} = {v:.2f}" for k, v in rat.items() if v is not None) + "\n"
+    met = targets(rat)
+    md += (
+        "\nTargets: "
+        + ", ".join(f"{k} {'-' if v is None else 'met' if v else 'NOT met'}" for k, v in met.items())
+        + "\n"
+    )
     payload = {
         "setup": setup,
         "quick": args.quick,
@@ -536,6 +622,7 @@ def main() -> None:
         "before": before,
         "results": results,
         "ratios": rat,
+        "targets": met,
         "wall_s": time.perf_counter() - t0,
         "seed": SEED,
     }

@@ -32,8 +32,8 @@ from _common import REPO_ROOT, write_results  # noqa: E402
 COMMON = ["student=diffusion", "distill=rl100", "torch_threads=1", "eval.num_envs=2",
           "eval.video_episodes=0", "distill.batch_size=64", "distill.checkpoint_every=250",
           "distill.consistency_steps=3000"]
-FULL = {"pickcube": ["demos.n_episodes=1000", "eval.episodes=50"],
-        "pushcube": ["demos.n_episodes=150", "eval.episodes=50", "distill.steps=3500"]}
+FULL = {"pickcube": ["demos.n_episodes=1000"],
+        "pushcube": ["demos.n_episodes=150", "distill.steps=3500"]}
 QUICK = ["demos.n_episodes=20", "eval.episodes=4", "distill.steps=200", "distill.consistency_steps=20",
          "distill.rl.rollout_episodes=4", "distill.rl.critic_steps=200", "distill.rl.offline_iterations=1",
          "distill.rl.online_episodes=2", "distill.rl.ppo_rounds=1", "distill.rl.ppo_states=32"]
@@ -141,6 +141,9 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--note", default="")
     ap.add_argument("--report-only", nargs="*", default=None, help="write results of these tasks as they are")
+    ap.add_argument("--episodes", type=int, default=50,
+                    help="evaluation episodes per stage / iteration (full runs; the issue asks >= 50)")
+    ap.add_argument("--name", default=None, help="results file name (default rl100, rl100_quick)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     work = Path(args.work) / ("quick" if args.quick else "full")
@@ -150,7 +153,7 @@ def main() -> None:
     t0 = time.time()
     done = []
     for task in args.tasks:
-        overrides = list(QUICK if args.quick else FULL[task])
+        overrides = list(QUICK if args.quick else [*FULL[task], f"eval.episodes={args.episodes}"])
         if task == "pickcube" and args.pickcube_stage1 and not args.quick:
             stage1 = work / "pickcube_stage1_checkpoint"
             if not stage1.exists():
@@ -177,10 +180,11 @@ def write(done: list[str], missing: list[str], work: Path, args) -> None:
               f"the end of 50-step episodes on unseen seeds 100000+. {args.note}")
     if missing:
         header += f" Not run yet: {', '.join(missing)}."
-    name = "rl100_quick" if args.quick else "rl100"
+    name = args.name or ("rl100_quick" if args.quick else "rl100")
     write_results(name, {"quick": args.quick, "tasks": done, "missing_tasks": missing, "results": results,
                          "settings": {"common": COMMON, "full": FULL, "quick": QUICK, "bad_update": BAD},
-                         "note": args.note}, header + "\n\n" + md, args.out)
+                         "eval_episodes": None if args.quick else args.episodes, "note": args.note},
+                  header + "\n\n" + md, args.out)
     print(md, flush=True)
 
 

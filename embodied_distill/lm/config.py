@@ -189,6 +189,9 @@ class TrainConfig:
     """Evaluate on at most this many held-out examples (``None``: all)."""
     save_every: int = 0
     """Steps between resumable training-state saves (0: only at the end)."""
+    gradient_checkpointing: bool = False
+    """Recompute the student's decoder-layer activations in the backward pass instead of storing them
+    (Hugging Face ``gradient_checkpointing_enable``): less memory, about one more forward pass of time."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:

@@ -102,6 +102,12 @@ class Distiller:
     ):
         self.cfg, self.d, self.t = cfg, cfg.distill, cfg.train
         self.student, self.tokenizer = student, tokenizer
+        if self.t.gradient_checkpointing:
+            if not getattr(student, "supports_gradient_checkpointing", False):
+                raise ValueError(
+                    f"train.gradient_checkpointing: {type(student).__name__} does not support it"
+                )
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.examples = list(examples)
         if not self.examples and cache is None:
             raise ValueError("no training examples")

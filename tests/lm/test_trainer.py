@@ -89,6 +89,28 @@ def test_gradient_accumulation_is_normalised_by_the_true_token_count(tokenizer, 
     assert (naive - big).norm() > 0.05 * big.norm()
 
 
+def test_gradient_checkpointing_gives_the_same_gradient_and_refuses_models_without_it(
+    tokenizer, teacher, student, examples
+):
+    """Recomputing the student's activations in backward changes memory, not the gradient."""
+    cfg = make_cfg(loss="reverse_kl", loss_path="logits", max_new_tokens=8)
+    plain = Distiller(copy.deepcopy(student).train(), tokenizer, teacher, examples, cfg)
+    batch = _dataset_batch(plain, tokenizer, examples)
+    plain.backward([batch])
+    cfg.train.gradient_checkpointing = True
+    ckpt = Distiller(copy.deepcopy(student).train(), tokenizer, teacher, examples, cfg)
+    assert ckpt.student.is_gradient_checkpointing and not plain.student.is_gradient_checkpointing
+    ckpt.backward([batch])
+    assert _grads(plain).norm() > 0
+    assert torch.allclose(_grads(ckpt), _grads(plain), atol=1e-6, rtol=1e-4)
+
+    class NoCheckpointing(torch.nn.Module):
+        supports_gradient_checkpointing = False
+
+    with pytest.raises(ValueError, match="NoCheckpointing does not support it"):
+        Distiller(NoCheckpointing(), tokenizer, teacher, examples, cfg)
+
+
 def test_offline_cache_round_trips_exactly_and_matches_the_live_teacher(
     tmp_path, tokenizer, teacher, examples
 ):
