@@ -145,6 +145,11 @@ class RL100Config:
     (MOPO-style; actions far from the data make the members disagree)."""
     dynamics_members: int = 3
     """Ensemble size of the dynamics model (mean prediction)."""
+    ope_holdout: float = 0.0
+    """Fraction of the offline episodes (demos and rollouts alike, chosen by seed) held out from the
+    critic that drives the updates; a second critic and dynamics model fitted on them alone score the
+    candidates in the gate. 0: one critic does both, as in RL-100 -- the update then maximises the very Q
+    the gate reads, so an offline candidate's estimate rises almost by construction."""
     time_budget_s: float = 0.0
     """Stop cleanly at the next safe point after this many seconds (0: no limit); rerun to resume."""
 
@@ -167,6 +172,8 @@ class RL100Config:
             raise ValueError("target_kl must be > 0 (or null)")
         if self.ope_penalty < 0:
             raise ValueError("ope_penalty must be >= 0")
+        if not 0 <= self.ope_holdout < 1:
+            raise ValueError("ope_holdout must lie in [0, 1)")
         if not 0 <= self.rollout_weight <= 1:
             raise ValueError("rollout_weight must lie in [0, 1]")
         if self.clip <= 0 or self.policy_lr <= 0 or self.critic_lr <= 0 or self.bc_coef < 0:
@@ -225,6 +232,24 @@ def build_transitions(state: np.ndarray, action: np.ndarray, reward: np.ndarray,
         done.append((t + n >= end).float())
         start = int(end)
     return Transitions(torch.cat(obs), torch.cat(act), torch.cat(rew), torch.cat(nxt), torch.cat(done))
+
+
+def episode_index(ends: np.ndarray, stride: int = 1) -> Tensor:
+    """``(N,)`` the episode of each transition :func:`build_transitions` makes from the same ``ends``."""
+    starts = np.concatenate([[0], np.asarray(ends, dtype=np.int64)[:-1]])
+    parts = [torch.full((len(range(int(a), int(b), stride)),), e, dtype=torch.long)
+             for e, (a, b) in enumerate(zip(starts, ends))]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def holdout_episodes(n_episodes: int, fraction: float, seed: int) -> Tensor:
+    """``(n_episodes,)`` bool: the episodes held out for evaluation, ``round(fraction * n)`` of them (at
+    least one when ``fraction > 0``), chosen by ``seed``."""
+    held = torch.zeros(n_episodes, dtype=torch.bool)
+    k = min(n_episodes - 1, max(1, round(fraction * n_episodes))) if fraction > 0 else 0
+    if k > 0:
+        held[torch.randperm(n_episodes, generator=torch.Generator().manual_seed(seed))[:k]] = True
+    return held
 
 
 def sparse_success_reward(ends: np.ndarray, success: np.ndarray) -> np.ndarray:
@@ -611,28 +636,45 @@ def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[st
         demo_reward = sparse_success_reward(demo_ends, np.ones(len(demo_ends)))
         demo_tr = build_transitions(demos["state"], demos["action"], demo_reward, demo_ends, policy)
         rollout_tr = store_transitions(rl_store, policy, 0, rcfg.rollout_episodes)
+        held_demo = holdout_episodes(len(demo_ends), rcfg.ope_holdout, int(cfg.seed) + 3)[
+            episode_index(demo_ends)]
+        held_rollout = holdout_episodes(rcfg.rollout_episodes, rcfg.ope_holdout, int(cfg.seed) + 4)[
+            episode_index(rl_store.episode_ends[:rcfg.rollout_episodes])]
+        demo_eval, rollout_eval = demo_tr.batch(held_demo), rollout_tr.batch(held_rollout)
+        demo_tr, rollout_tr = demo_tr.batch(~held_demo), rollout_tr.batch(~held_rollout)
         offline = Transitions.cat([demo_tr, rollout_tr])
         weights = mixture_weights(len(demo_tr), len(rollout_tr), rcfg.rollout_weight)
         obs_dim, act_dim = offline.obs.shape[1], offline.action.shape[1]
-        critic = IQLCritic(obs_dim, act_dim, rcfg.hidden)
-        dynamics = DynamicsModel(obs_dim, act_dim, rcfg.hidden, rcfg.dynamics_members)
-        if progress.done("critic") or rcfg.offline_from:
-            critic.load_state_dict(load_file(str(source / "critic.safetensors")))
-            dynamics.load_state_dict(load_file(str(source / "dynamics.safetensors")))
-        else:
-            m = fit(critic, offline, rcfg.critic_steps, rcfg, gen,
-                    after_step=lambda: critic.update_targets(rcfg.target_tau), weights=weights)
-            m.update(fit(dynamics, offline, rcfg.critic_steps, rcfg, gen, weights=weights))
-            logger.log(step, {f"critic/{k}": v for k, v in m.items()})
-            save_module(critic, run_dir / "critic.safetensors")
-            save_module(dynamics, run_dir / "dynamics.safetensors")
+        # the critic and dynamics model of the updates; the gate's pair is fitted on the held-out episodes
+        models = {"": (IQLCritic(obs_dim, act_dim, rcfg.hidden),
+                       DynamicsModel(obs_dim, act_dim, rcfg.hidden, rcfg.dynamics_members), offline, weights)}
+        if rcfg.ope_holdout > 0:
+            held = Transitions.cat([demo_eval, rollout_eval])
+            models["_eval"] = (IQLCritic(obs_dim, act_dim, rcfg.hidden),
+                               DynamicsModel(obs_dim, act_dim, rcfg.hidden, rcfg.dynamics_members), held,
+                               mixture_weights(len(demo_eval), len(rollout_eval), rcfg.rollout_weight))
+        fitted = progress.done("critic") or bool(rcfg.offline_from)
+        for suffix, (c, dyn, data, w) in models.items():
+            if fitted:
+                c.load_state_dict(load_file(str(source / f"critic{suffix}.safetensors")))
+                dyn.load_state_dict(load_file(str(source / f"dynamics{suffix}.safetensors")))
+                continue
+            m = fit(c, data, rcfg.critic_steps, rcfg, gen, weights=w,
+                    after_step=lambda c=c: c.update_targets(rcfg.target_tau))
+            m.update(fit(dyn, data, rcfg.critic_steps, rcfg, gen, weights=w))
+            logger.log(step, {f"critic{suffix}/{k}": v for k, v in m.items()})
+            save_module(c, run_dir / f"critic{suffix}.safetensors")
+            save_module(dyn, run_dir / f"dynamics{suffix}.safetensors")
+        if not fitted:
             progress.mark("critic")
+        critic, dynamics = models[""][:2]
+        ope_critic, ope_dynamics, ope_data, ope_weights = models["_eval" if rcfg.ope_holdout > 0 else ""]
         ope_gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
-        ope_obs = offline.obs[torch.multinomial(weights, rcfg.ope_states, generator=ope_gen)]
+        ope_obs = ope_data.obs[torch.multinomial(ope_weights, rcfg.ope_states, generator=ope_gen)]
         gate = OPEGate(rcfg.gate_margin, rcfg.gate_enabled)
 
         def ope(p) -> float:
-            return ope_estimate(chunk_actor(p, int(cfg.seed) + 2), ope_obs, critic, dynamics,
+            return ope_estimate(chunk_actor(p, int(cfg.seed) + 2), ope_obs, ope_critic, ope_dynamics,
                                 rcfg.ope_horizon, rcfg.gamma, rcfg.ope_penalty)
 
         gate.best = progress.data["best_estimate"]

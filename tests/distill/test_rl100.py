@@ -15,7 +15,9 @@ from embodied_distill.distill.rl100 import (
     RL100Config,
     Transitions,
     build_transitions,
+    episode_index,
     fit,
+    holdout_episodes,
     ope_estimate,
     ppo_update,
     sparse_success_reward,
@@ -171,6 +173,32 @@ def test_build_transitions_windows_rewards_and_done():
         RL100Config.from_cfg({"nope": 1})
 
 
+def test_holdout_splits_whole_episodes_by_seed():
+    """The gate's held-out episodes: whole episodes, the asked fraction, the same ones for the same seed."""
+    policy = _policy()
+    policy.normalizer = Normalizer({k: {"offset": torch.zeros(d), "scale": torch.ones(d)}
+                                    for k, d in (("state", 5), ("action", 3))})
+    lengths = [7, 3, 5, 9, 4, 6, 8, 2, 5, 6]
+    ends = np.cumsum(lengths)
+    state = np.random.default_rng(0).normal(size=(ends[-1], 5)).astype(np.float32)
+    action = np.zeros((ends[-1], 3), np.float32)
+    tr = build_transitions(state, action, sparse_success_reward(ends, np.ones(10)), ends, policy)
+    episode = episode_index(ends)
+    assert len(episode) == len(tr) and np.bincount(episode.numpy()).tolist() == lengths
+    held = holdout_episodes(10, 0.3, seed=5)
+    assert int(held.sum()) == 3 and torch.equal(held, holdout_episodes(10, 0.3, seed=5))
+    assert not torch.equal(held, holdout_episodes(10, 0.3, seed=6))
+    rows = held[episode]
+    kept, out = tr.batch(~rows), tr.batch(rows)
+    assert len(kept) + len(out) == len(tr) and len(out) == sum(n for n, h in zip(lengths, held) if h)
+    # no state of a held-out episode reaches the training part
+    held_states = {tuple(x) for x in out.obs[:, 5:].tolist()}
+    assert not held_states & {tuple(x) for x in kept.obs[:, 5:].tolist()}
+    assert int(holdout_episodes(10, 0.0, seed=5).sum()) == 0 and int(holdout_episodes(3, 0.01, 0).sum()) == 1
+    with pytest.raises(ValueError, match="ope_holdout"):
+        RL100Config(ope_holdout=1.0)
+
+
 def test_rl100_end_to_end_smoke(tmp_path):
     """All four stages on PickCube with tiny budgets; every stage writes its record (~26 s)."""
     import json
@@ -191,7 +219,7 @@ def test_rl100_end_to_end_smoke(tmp_path):
         "distill.rl.rollout_episodes=2", "distill.rl.offline_iterations=1", "distill.rl.online_iterations=1",
         "distill.rl.online_episodes=2", "distill.rl.ppo_rounds=1", "distill.rl.ppo_states=16",
         "distill.rl.ppo_epochs=1", "distill.rl.ppo_minibatch=8", "distill.rl.ope_states=16",
-        "distill.rl.gate_enabled=false", "distill.rl.bc_coef=0.1",
+        "distill.rl.gate_enabled=false", "distill.rl.bc_coef=0.1", "distill.rl.ope_holdout=0.5",
     ]
     with initialize_config_module(config_module="embodied_distill.configs", version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
@@ -206,6 +234,7 @@ def test_rl100_end_to_end_smoke(tmp_path):
     store = rl100.EpisodeStore(tmp_path / "run" / "rl_data.zarr", mode="r")
     assert store.n_episodes == 4 and set(store.keys) == {"state", "action", "reward"}
     assert (tmp_path / "run" / "checkpoint" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "critic_eval.safetensors").exists()  # the gate's own held-out critic
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum("gate/accepted" in m for m in metrics) == 2
     # a rerun resumes: nothing left to do, same decisions
