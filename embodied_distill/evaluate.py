@@ -34,7 +34,7 @@ def main(cfg: DictConfig) -> float:
             print(f"[evaluate] error: sampler={cfg.sampler} given but the {policy.name} policy has "
                   "no samplers", file=sys.stderr)
             sys.exit(2)
-        policy.set_sampler(cfg.sampler, **OmegaConf.to_container(cfg.sampler_overrides, resolve=True))
+        policy.set_sampler(cfg.sampler, **(OmegaConf.to_container(cfg.sampler_overrides, resolve=True) or {}))
     seed_start = cfg.seed_start if cfg.seed_start is not None else train_cfg.eval.seed_start
     if "max_demo_seed" in meta and seed_start <= meta["max_demo_seed"]:
         print(f"[evaluate] warning: seed_start={seed_start} overlaps demo seeds (<= {meta['max_demo_seed']})")

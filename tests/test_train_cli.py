@@ -99,3 +99,18 @@ def test_torchrun_two_process_data_parallel_smoke(tmp_path):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["train_steps"] == 24 and report["episodes"] == 1
     assert json.loads((tmp_path / "run" / "train_state" / "train_state.json").read_text())["step"] == 20
+
+
+def test_evaluate_takes_sampler_overrides_as_the_readme_writes_them():
+    """``sampler_overrides='{num_inference_steps: 100}'`` (README) composes; with an empty-dict default
+    Hydra refused the new keys (struct mode)."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module(config_module="embodied_distill.configs", version_base="1.3"):
+        overrides = ["checkpoint=x", "sampler=rti",
+                     "sampler_overrides={num_inference_steps: 100, rti_steps: [11, 0]}"]
+        cfg = compose(config_name="evaluate", overrides=overrides)
+        plain = compose(config_name="evaluate", overrides=["checkpoint=x"])
+    assert OmegaConf.to_container(cfg.sampler_overrides) == {"num_inference_steps": 100, "rti_steps": [11, 0]}
+    assert plain.sampler_overrides is None
