@@ -587,6 +587,11 @@ def main() -> None:
     parser.add_argument("--out", default=None, help=f"results folder (default {DEFAULT_OUT})")
     parser.add_argument("--name", default=NAME)
     parser.add_argument("--note", default="")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="rerun only --variants and keep the other variants (and 'before') of the existing results file",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -602,8 +607,18 @@ def main() -> None:
         student_dir, warm = Path(args.student), {"checkpoint": args.student}
     else:
         student_dir, warm = ensure_warm_student(setup, args.quick)
-    before = spawn("before", setup, student_dir)
-    results = {name: spawn(name, setup, student_dir) for name in args.variants.split(",")}
+    previous = {}
+    if args.merge:
+        path = Path(args.out or DEFAULT_OUT) / f"{args.name}.json"
+        previous = json.loads(path.read_text())
+        if previous["setup"] != setup:
+            raise SystemExit(f"--merge: {path} was run with another setup ({previous['setup']})")
+    before = previous["before"] if previous else spawn("before", setup, student_dir)
+    fresh = {name: spawn(name, setup, student_dir) for name in args.variants.split(",")}
+    for r in fresh.values():
+        r["run_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    merged = {**previous.get("results", {}), **fresh}
+    results = {name: merged[name] for name in VARIANTS if name in merged}
     label = ("quick" if args.quick else "full") + (f", {args.note}" if args.note else "")
     md = table(results, setup, before, label)
     rat = ratios(results)
@@ -624,6 +639,8 @@ def main() -> None:
         "ratios": rat,
         "targets": met,
         "wall_s": time.perf_counter() - t0,
+        "variants_run": list(fresh),
+        "merged": bool(previous),
         "seed": SEED,
     }
     write_results(args.name, payload, md, args.out)
