@@ -56,6 +56,9 @@ class DistillConfig:
     materialised logits) or ``logits`` (plain, as TRL does); same value and gradient."""
     chunk_size: int = 256
     """Positions per chunk for the chunked paths, top-k and sampled scoring (>= 1)."""
+    teacher_prefix_cache: bool = False
+    """Score the teacher with the batch's shared prompt prefix (e.g. the chat template's system turn) run
+    once and its key/value cache reused for every row: the same scores (to float rounding), less time."""
     temperature: float = 1.0
     """Softmax temperature (> 0) for sampling *and* for the loss; they must agree."""
     lmbda: float = 0.5

@@ -19,6 +19,8 @@ Log-probabilities are taken at the loss temperature (the sampling temperature).
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -75,6 +77,68 @@ def completion_outputs(
         input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False, logits_to_keep=keep
     )
     return out.logits
+
+
+def shared_prefix_length(prompts: Prompts) -> int:
+    """How many leading tokens every (left-padded) prompt of the batch has in common, capped at the
+    shortest prompt's length minus one (the last prompt token must stay outside the prefix: its output
+    predicts the first completion token)."""
+    lengths = prompts.mask.sum(1).long()
+    limit = int(lengths.min()) - 1
+    if limit < 1 or prompts.ids.shape[0] < 2:
+        return 0
+    width = prompts.ids.shape[1]
+    start = width - lengths  # first real token of each row
+    heads = prompts.ids.gather(1, start[:, None] + torch.arange(limit, device=prompts.ids.device))
+    same = (heads == heads[:1]).all(0).long()
+    return int(same.cumprod(0).sum())
+
+
+def _prefix_cached_forward(
+    model: nn.Module, prompts: Prompts, completion: Tensor, mask: Tensor, n: int, *, hidden: bool
+) -> Tensor:
+    """:func:`completion_outputs` with the batch's shared prompt prefix (``n`` tokens) run once at batch 1
+    and its key/value cache repeated over the batch; the rest of each prompt and the completion attend to
+    it. Same outputs, without recomputing the prefix B times (the chat template's system turn is shared
+    by every prompt)."""
+    batch, width = prompts.ids.shape
+    lengths = prompts.mask.sum(1).long()
+    # transformers >= 5.2x names the key/value cache ``cache``; earlier versions ``past_key_values``
+    name = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+    first = width - int(lengths[0])
+    out = model.base_model(input_ids=prompts.ids[:1, first : first + n], use_cache=True)
+    prefix = getattr(out, name)
+    prefix.batch_repeat_interleave(batch)
+    # each row without its first n real tokens: [left padding | rest of the prompt], width - n columns
+    column = torch.arange(width - n, device=prompts.ids.device)
+    pad = (width - lengths)[:, None]
+    source = torch.where(column < pad, column, column + n)
+    rest_ids, rest_mask = prompts.ids.gather(1, source), prompts.mask.gather(1, source)
+    rest_mask = torch.where(column < pad, torch.zeros_like(rest_mask), rest_mask)
+    ids = torch.cat([rest_ids, completion], dim=1)
+    tail = torch.cat([rest_mask, mask.to(rest_mask.dtype)], dim=1)
+    attention = torch.cat([rest_mask.new_ones(batch, n), tail], dim=1)
+    positions = (n + tail.long().cumsum(1) - 1).clamp_min(0)
+    start, stop = width - n - 1, width - n + completion.shape[1] - 1
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "position_ids": positions,
+        name: prefix,
+        "use_cache": True,
+    }
+    if hidden:
+        return model.base_model(**kwargs).last_hidden_state[:, start:stop]
+    return model(**kwargs, logits_to_keep=torch.arange(start, stop, device=ids.device)).logits
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def flat_positions(values: Tensor, mask: Tensor) -> Tensor:
@@ -148,19 +212,32 @@ def score_teacher(
     k: int = 64,
     temperature: float = 1.0,
     chunk_size: int = 256,
+    prefix_cache: bool = False,
 ) -> TeacherScores:
     """Run the teacher on its prompts + the completions and return its scores at the N trained positions.
 
     ``mode``: ``"full"``, ``"topk"`` (``k`` tokens) or ``"sampled"`` (see module docstring). Top-k and
     sampled log-probabilities are computed ``chunk_size`` positions at a time, so the ``(N, V)`` teacher
-    logits never exist at once.
+    logits never exist at once. ``prefix_cache``: run the prompts' shared leading tokens once
+    (:func:`shared_prefix_length`) and reuse their key/value cache across the batch (same scores).
     """
     if mode not in SCORING_MODES:
         raise ValueError(f"teacher scoring mode must be one of {SCORING_MODES}, got {mode!r}")
     head = linear_head(teacher)
-    outputs = completion_outputs(
-        teacher, rollout.teacher_prompts, rollout.completion, rollout.completion_mask, hidden=head is not None
-    )
+    prompts = rollout.teacher_prompts
+    n = shared_prefix_length(prompts) if prefix_cache else 0
+    outputs = None
+    if n > 0:
+        try:
+            outputs = _prefix_cached_forward(
+                teacher, prompts, rollout.completion, rollout.completion_mask, n, hidden=head is not None
+            )
+        except (AttributeError, NotImplementedError, TypeError) as e:  # a model without a repeatable cache
+            _warn_once(f"teacher prefix cache unavailable for {type(teacher).__name__} ({e}); plain forward")
+    if outputs is None:
+        outputs = completion_outputs(
+            teacher, prompts, rollout.completion, rollout.completion_mask, hidden=head is not None
+        )
     rows = flat_positions(outputs, rollout.completion_mask)
     if head is not None:  # detached: with self-distillation the "teacher" head is the student's parameter
         bias = None if head[1] is None else head[1].detach()

@@ -221,6 +221,7 @@ class Distiller:
                     k=self.d.k,
                     temperature=self.d.temperature,
                     chunk_size=self.d.chunk_size,
+                    prefix_cache=self.d.teacher_prefix_cache,
                 )
             ref = None
             if self.reference is not None:

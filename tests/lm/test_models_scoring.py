@@ -11,7 +11,13 @@ from embodied_distill.lm.rollout import (
     strip_padding,
     tokenize_completions,
 )
-from embodied_distill.lm.scoring import completion_outputs, flat_positions, linear_head, score_teacher
+from embodied_distill.lm.scoring import (
+    completion_outputs,
+    flat_positions,
+    linear_head,
+    score_teacher,
+    shared_prefix_length,
+)
 from embodied_distill.losses import teacher_topk, token_log_probs
 
 
@@ -101,6 +107,41 @@ def test_teacher_scoring_modes_agree(tokenizer, teacher, examples):
     assert torch.allclose(sampled.token_logprobs, token_log_probs(logits, tokens, 0.7), atol=1e-6)
     with pytest.raises(ValueError, match="scoring mode"):
         score_teacher(teacher, rollout, "logits")
+
+
+@pytest.mark.parametrize("head", ["linear", "logits"])
+def test_teacher_prefix_cache_gives_the_same_scores(tokenizer, teacher, head):
+    """The shared prompt prefix run once and its cache repeated over the batch: the same scores, for
+    prompts of different lengths (left padding) and completions of different lengths."""
+    from embodied_distill.lm.tasks import Example
+
+    words = ["cat", "horse", "ox", "giraffe", "bee"]
+    examples = [
+        Example(({"role": "user", "content": f"plural of {w}?"},), completion=w + "s.") for w in words
+    ]
+    prompts, _ = encode_examples(tokenizer, examples)
+    lengths = prompts.mask.sum(1)
+    assert len(set(lengths.tolist())) > 2  # really left-padded
+    n = shared_prefix_length(prompts)
+    common = prompts.ids[0, prompts.ids.shape[1] - int(lengths[0]) :][:n]
+    for row, length in zip(prompts.ids, lengths):  # n leading real tokens shared by every row, not n + 1
+        assert torch.equal(row[len(row) - int(length) :][:n], common)
+    assert len({int(row[len(row) - int(length) + n]) for row, length in zip(prompts.ids, lengths)}) > 1
+    comp = tokenize_completions(tokenizer, [e.completion for e in examples])
+    rollout = Rollout(prompts, prompts, comp, completion_mask(comp, 2))
+    if head == "logits":  # a model whose logits are not a plain linear map: scored through its own forward
+        teacher.config.logit_scale = 1.0001
+        assert linear_head(teacher) is None
+    for mode in ("full", "topk", "sampled"):
+        plain = score_teacher(teacher, rollout, mode, k=5)
+        cached = score_teacher(teacher, rollout, mode, k=5, prefix_cache=True)
+        for name in ("hidden", "logits", "topk_logprobs", "token_logprobs"):
+            a, b = getattr(plain, name), getattr(cached, name)
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
+    # no shared prefix (one prompt, or prompts differing at the first token): the plain forward
+    assert shared_prefix_length(encode_examples(tokenizer, examples[:1])[0]) == 0
 
 
 def test_generate_is_plain_tempered_sampling(tokenizer, teacher, examples):
