@@ -56,7 +56,7 @@ class DistillConfig:
     materialised logits) or ``logits`` (plain, as TRL does); same value and gradient."""
     chunk_size: int = 256
     """Positions per chunk for the chunked paths, top-k and sampled scoring (>= 1)."""
-    teacher_prefix_cache: bool = False
+    teacher_prefix_cache: bool = True
     """Score the teacher with the batch's shared prompt prefix (e.g. the chat template's system turn) run
     once and its key/value cache reused for every row: the same scores (to float rounding), less time."""
     temperature: float = 1.0
