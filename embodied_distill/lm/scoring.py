@@ -58,25 +58,42 @@ def linear_head(model: nn.Module) -> tuple[Tensor, Tensor | None] | None:
 
 
 def completion_outputs(
-    model: nn.Module, prompts: Prompts, completion: Tensor, mask: Tensor, *, hidden: bool
+    model: nn.Module,
+    prompts: Prompts,
+    completion: Tensor,
+    mask: Tensor,
+    *,
+    hidden: bool,
+    prefix_cache: bool = False,
 ) -> Tensor:
     """The model's final hidden states ``(B, Tc, H)`` (``hidden=True``) or logits ``(B, Tc, V)`` at the
     positions that predict the completion tokens (columns ``P-1 .. P+Tc-2`` of ``[prompt | completion]``).
 
     Differentiable when called with gradients enabled; the LM head is applied to these positions only.
+    ``prefix_cache``: run the prompts' shared leading tokens (:func:`shared_prefix_length`) once at batch
+    1 and attend to their key/value cache from every row (same outputs, to float rounding).
     """
-    ids, attention, positions = sequence(prompts, completion, mask)
-    start, stop = prompts.ids.shape[1] - 1, prompts.ids.shape[1] + completion.shape[1] - 1
+    n = shared_prefix_length(prompts) if prefix_cache else 0
+    inputs = None
+    if n > 0:
+        try:
+            inputs, start = _after_shared_prefix(model, prompts, completion, mask, n)
+        except (AttributeError, NotImplementedError, TypeError) as e:  # a model without a repeatable cache
+            _warn_once(f"prefix cache unavailable for {type(model).__name__} ({e}); plain forward")
+    if inputs is None:
+        ids, attention, positions = sequence(prompts, completion, mask)
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": attention,
+            "position_ids": positions,
+            "use_cache": False,
+        }
+        start = prompts.ids.shape[1] - 1
+    stop = start + completion.shape[1]
     if hidden:
-        out = model.base_model(
-            input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False
-        )
-        return out.last_hidden_state[:, start:stop]
-    keep = torch.arange(start, stop, device=ids.device)
-    out = model(
-        input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False, logits_to_keep=keep
-    )
-    return out.logits
+        return model.base_model(**inputs).last_hidden_state[:, start:stop]
+    keep = torch.arange(start, stop, device=completion.device)
+    return model(**inputs, logits_to_keep=keep).logits
 
 
 def shared_prefix_length(prompts: Prompts) -> int:
@@ -94,20 +111,19 @@ def shared_prefix_length(prompts: Prompts) -> int:
     return int(same.cumprod(0).sum())
 
 
-def _prefix_cached_forward(
-    model: nn.Module, prompts: Prompts, completion: Tensor, mask: Tensor, n: int, *, hidden: bool
-) -> Tensor:
-    """:func:`completion_outputs` with the batch's shared prompt prefix (``n`` tokens) run once at batch 1
-    and its key/value cache repeated over the batch; the rest of each prompt and the completion attend to
-    it. Same outputs, without recomputing the prefix B times (the chat template's system turn is shared
-    by every prompt)."""
+def _after_shared_prefix(
+    model: nn.Module, prompts: Prompts, completion: Tensor, mask: Tensor, n: int
+) -> tuple[dict, int]:
+    """Run the batch's shared prompt prefix (``n`` tokens) once at batch 1 and repeat its key/value cache
+    over the batch; returns the forward inputs of the rest (each prompt without its first ``n`` real
+    tokens, then the completion, attending to the cache) and the column predicting the first completion
+    token."""
     batch, width = prompts.ids.shape
     lengths = prompts.mask.sum(1).long()
     # transformers >= 5.2x names the key/value cache ``cache``; earlier versions ``past_key_values``
     name = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
     first = width - int(lengths[0])
-    out = model.base_model(input_ids=prompts.ids[:1, first : first + n], use_cache=True)
-    prefix = getattr(out, name)
+    prefix = getattr(model.base_model(input_ids=prompts.ids[:1, first : first + n], use_cache=True), name)
     prefix.batch_repeat_interleave(batch)
     # each row without its first n real tokens: [left padding | rest of the prompt], width - n columns
     column = torch.arange(width - n, device=prompts.ids.device)
@@ -115,21 +131,15 @@ def _prefix_cached_forward(
     source = torch.where(column < pad, column, column + n)
     rest_ids, rest_mask = prompts.ids.gather(1, source), prompts.mask.gather(1, source)
     rest_mask = torch.where(column < pad, torch.zeros_like(rest_mask), rest_mask)
-    ids = torch.cat([rest_ids, completion], dim=1)
     tail = torch.cat([rest_mask, mask.to(rest_mask.dtype)], dim=1)
-    attention = torch.cat([rest_mask.new_ones(batch, n), tail], dim=1)
-    positions = (n + tail.long().cumsum(1) - 1).clamp_min(0)
-    start, stop = width - n - 1, width - n + completion.shape[1] - 1
-    kwargs = {
-        "input_ids": ids,
-        "attention_mask": attention,
-        "position_ids": positions,
+    inputs = {
+        "input_ids": torch.cat([rest_ids, completion], dim=1),
+        "attention_mask": torch.cat([rest_mask.new_ones(batch, n), tail], dim=1),
+        "position_ids": (n + tail.long().cumsum(1) - 1).clamp_min(0),
         name: prefix,
         "use_cache": True,
     }
-    if hidden:
-        return model.base_model(**kwargs).last_hidden_state[:, start:stop]
-    return model(**kwargs, logits_to_keep=torch.arange(start, stop, device=ids.device)).logits
+    return inputs, width - n - 1
 
 
 _WARNED: set[str] = set()
@@ -224,20 +234,14 @@ def score_teacher(
     if mode not in SCORING_MODES:
         raise ValueError(f"teacher scoring mode must be one of {SCORING_MODES}, got {mode!r}")
     head = linear_head(teacher)
-    prompts = rollout.teacher_prompts
-    n = shared_prefix_length(prompts) if prefix_cache else 0
-    outputs = None
-    if n > 0:
-        try:
-            outputs = _prefix_cached_forward(
-                teacher, prompts, rollout.completion, rollout.completion_mask, n, hidden=head is not None
-            )
-        except (AttributeError, NotImplementedError, TypeError) as e:  # a model without a repeatable cache
-            _warn_once(f"teacher prefix cache unavailable for {type(teacher).__name__} ({e}); plain forward")
-    if outputs is None:
-        outputs = completion_outputs(
-            teacher, prompts, rollout.completion, rollout.completion_mask, hidden=head is not None
-        )
+    outputs = completion_outputs(
+        teacher,
+        rollout.teacher_prompts,
+        rollout.completion,
+        rollout.completion_mask,
+        hidden=head is not None,
+        prefix_cache=prefix_cache,
+    )
     rows = flat_positions(outputs, rollout.completion_mask)
     if head is not None:  # detached: with self-distillation the "teacher" head is the student's parameter
         bias = None if head[1] is None else head[1].detach()
