@@ -22,6 +22,7 @@ TASKS = {
     "pushcube": "PushCube-v1",
     "peginsertionside": "PegInsertionSide-v1",
 }
+REWARD_MODES = ("normalized_dense", "dense", "sparse")
 
 
 @dataclasses.dataclass
@@ -40,12 +41,17 @@ class ManiSkillEnvConfig:
     """Robot to load (panda, fetch, so100 ship offline)."""
     sim_backend: str = "auto"
     """"auto" (gpu when CUDA is available and num_envs > 1, else cpu), "cpu" or "gpu"."""
+    reward_mode: str = "normalized_dense"
+    """ManiSkill reward: "normalized_dense" (shaped, at most 1 per step), "dense" (shaped, unscaled) or
+    "sparse" (the success indicator per step). Only RL methods read rewards; success is the same."""
 
     def __post_init__(self):
         if self.obs_mode != "state":
             raise ValueError(f"obs_mode={self.obs_mode!r} is not supported yet; use 'state'")
         if self.sim_backend not in ("auto", "cpu", "gpu"):
             raise ValueError(f"sim_backend must be auto, cpu or gpu, got {self.sim_backend!r}")
+        if self.reward_mode not in REWARD_MODES:
+            raise ValueError(f"reward_mode must be one of {REWARD_MODES}, got {self.reward_mode!r}")
         if self.max_episode_steps < 1:
             raise ValueError("max_episode_steps must be >= 1")
 
@@ -65,7 +71,7 @@ def make_single_env(cfg: ManiSkillEnvConfig, render: bool = False):
 
     env = gym.make(cfg.env_id, obs_mode=cfg.obs_mode, control_mode=cfg.control_mode,
                    robot_uids=cfg.robot_uids, sim_backend="cpu", render_backend="cpu",
-                   max_episode_steps=cfg.max_episode_steps,
+                   max_episode_steps=cfg.max_episode_steps, reward_mode=cfg.reward_mode,
                    render_mode="rgb_array" if render else None)
     return ContactFreshReset(CPUGymWrapper(env, ignore_terminations=True, record_metrics=False))
 
@@ -120,7 +126,7 @@ class ManiSkillVecEnv:
 
             env = gym.make(cfg.env_id, num_envs=num_envs, obs_mode=cfg.obs_mode,
                            control_mode=cfg.control_mode, robot_uids=cfg.robot_uids, sim_backend="gpu",
-                           max_episode_steps=cfg.max_episode_steps,
+                           max_episode_steps=cfg.max_episode_steps, reward_mode=cfg.reward_mode,
                            render_mode="rgb_array" if render else None)
             self.env = ManiSkillVectorEnv(env, num_envs, ignore_terminations=True, auto_reset=False)
         elif num_envs == 1:
@@ -385,7 +391,7 @@ class ManiSkillRunner:
             env_id=task["env_id"], obs_mode=task.get("obs_mode", "state"),
             control_mode=task.get("control_mode", "pd_ee_delta_pose"),
             max_episode_steps=int(task["max_episode_steps"]), robot_uids=task.get("robot_uids", "panda"),
-            sim_backend=sim_backend)
+            sim_backend=sim_backend, reward_mode=task.get("reward_mode", "normalized_dense"))
 
     @property
     def max_episode_steps(self) -> int:

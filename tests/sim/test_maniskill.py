@@ -135,3 +135,30 @@ def test_motion_planner_demos_for_peg_insertion(tmp_path):
     store = EpisodeStore(tmp_path / "peg.zarr", mode="r")
     assert store.get_episode(0)["action"].shape[1] == 8  # pd_joint_pos: 7 joints + gripper
     assert all(0 < n <= 200 for n in np.diff(np.concatenate([[0], store.episode_ends])))
+
+
+def test_sparse_reward_is_the_success_indicator_and_bad_modes_are_refused():
+    """task.reward_mode=sparse: the per-step reward is exactly 1 on success steps and 0 elsewhere
+    (an expert PushCube episode has both); the default stays the shaped normalised reward."""
+    rewards = {}
+    for mode in ("sparse", "normalized_dense"):
+        env = make_single_env(ManiSkillEnvConfig(env_id="PushCube-v1", max_episode_steps=50,
+                                                 reward_mode=mode))
+        try:
+            ep = run_expert_episode(env, "pushcube", 101, 50)
+            env.reset(seed=101)
+            rs, succ = [], []
+            for a in ep["action"]:
+                _, r, _, _, info = env.step(a)
+                rs.append(float(np.asarray(r).ravel()[0]))
+                succ.append(bool(np.asarray(info["success"]).ravel()[0]))
+        finally:
+            env.close()
+        rewards[mode] = (np.array(rs), np.array(succ))
+    r, s = rewards["sparse"]
+    assert s.any() and not s.all()
+    np.testing.assert_array_equal(r, s.astype(float))
+    dense, _ = rewards["normalized_dense"]
+    assert np.all((dense >= 0) & (dense <= 1)) and len(np.unique(dense)) > 10  # shaped, not 0/1
+    with pytest.raises(ValueError, match="reward_mode"):
+        ManiSkillEnvConfig(reward_mode="shaped")
