@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,29 +134,38 @@ def test_cli_rpd_and_residual_rl_train_save_and_evaluate(tmp_path):
         assert ev_report["mean_return"] == pytest.approx(report["mean_return"], rel=1e-4)
 
 
-TEACHER = Path(os.environ.get("RPD_TEST_TEACHER", Path(__file__).resolve().parents[2] / "outputs" /
-                              "rpd_teachers" / "pickcube_bc50" / "checkpoint"))
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not (TEACHER / "model.safetensors").exists(),
-                    reason="needs an imperfect BC teacher checkpoint (set RPD_TEST_TEACHER)")
-def test_rpd_with_a_bc_teacher_improves_return_over_its_start(tmp_path):
-    """Measurable: mean return of the deterministic student on 10 unseen seeds, before vs after 10k env
-    steps of RPD with a BC teacher (success itself stays at 0 within 10k steps on this CPU budget:
-    0/20 in benchmarks/results/rpd_vs_ppo_quick.md, so it cannot be the criterion of a test)."""
+def test_rpd_with_an_imperfect_bc_teacher_improves_success_on_sparse_pushcube(tmp_path):
+    """Measurable: success of the deterministic student on 20 unseen seeds, before (random init) vs after
+    5000 env steps of RPD on PushCube with the sparse (success-only) reward, guided by an MLP BC teacher
+    trained here on 10 demos (about 0.4 success), with the benchmark's settings (lambda 10 MSE, initial
+    std exp(-1.5), two-state input). PPO alone scores 0 on this reward within 30k steps
+    (benchmarks/results/rpd_vs_ppo.md). About 3 min on 2 CPU cores."""
+    env = {**os.environ, "EMBODIED_DISTILL_DATA": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "embodied_distill.train", "task=pushcube", "student=mlp",
+                          "demos.n_episodes=10", "distill.steps=2000", "eval.episodes=10", "eval.num_envs=1",
+                          "eval.video_episodes=0", "device=cpu", "torch_threads=1",
+                          f"hydra.run.dir={tmp_path / 'teacher'}"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=1200, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
     torch.manual_seed(0)
-    runner = ManiSkillRunner(TASK, sim_backend="cpu")
-    teacher = load_teacher(OmegaConf.create({"name": "checkpoint", "path": str(TEACHER)}), "cpu")
+    task = {**TASK, "name": "pushcube", "env_id": "PushCube-v1", "reward_mode": "sparse"}
+    runner = ManiSkillRunner(task, sim_backend="cpu")
+    teacher = load_teacher(OmegaConf.create({"name": "checkpoint", "path": str(tmp_path / "teacher" /
+                                                                               "checkpoint")}), "cpu")
     horizon = teacher_obs_horizon(teacher, None)
-    rcfg = RPDConfig(total_steps=10_000, eval_every=10_000, eval_episodes=2, distill_coef=10.0)
-    policy = RLPolicy(student_config(rcfg, DS, DA, horizon, -1.0, 1.0))
+    rcfg = RPDConfig(total_steps=5000, eval_every=5000, eval_episodes=2, distill_coef=10.0,
+                     log_std_init=-1.5, net_obs_horizon=2)
+    probe = make_single_env(runner.env_cfg)
+    ds = int(np.prod(probe.observation_space.shape))
+    probe.close()
+    policy = RLPolicy(student_config(rcfg, ds, DA, horizon, -1.0, 1.0))
     venv = runner.make_vec_env(num_envs=1)
-    before = evaluate_policy(policy, venv, 10, 100_000, 50)["mean_return"]
+    before = evaluate_policy(policy, venv, 20, 100_000, 50)["success_rate"]
     venv.close()
-    cfg = OmegaConf.create({"seed": 0, "resume": False, "eval": {"seed_start": 100_000, "episodes": 10,
+    cfg = OmegaConf.create({"seed": 0, "resume": False, "eval": {"seed_start": 100_000, "episodes": 20,
                                                                    "num_envs": 1, "video_episodes": 0}})
     make_env = env_factory(runner, horizon, None, 1.0, 3_000_000)
-    report = train_rl(cfg, tmp_path, runner, torch.device("cpu"), rcfg, policy, make_env, teacher, horizon,
-                      horizon, "rpd")
-    assert report["mean_return"] > before + 1.0, (before, report["mean_return"])
+    report = train_rl(cfg, tmp_path / "rpd", runner, torch.device("cpu"), rcfg, policy, make_env, teacher,
+                      horizon, horizon, "rpd")
+    assert report["success_rate"] >= before + 0.2, (before, report["success_rate"])
