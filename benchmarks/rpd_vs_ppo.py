@@ -71,12 +71,30 @@ def teacher(task: str, work: Path, given: str | None, budget: dict) -> tuple[Pat
     return run / "checkpoint", json.loads((run / "report.json").read_text())
 
 
+def rpd_overrides(budget: dict, task: str) -> list[str]:
+    """The ``--rpd`` overrides that apply to ``task``: ``KEY=VALUE`` (every task) or ``TASK:KEY=VALUE``."""
+    out = []
+    for kv in budget.get("rpd_overrides", []):
+        scope, _, rest = kv.rpartition(":")
+        if scope in ("", task):
+            out.append(rest)
+    return out
+
+
+def run_dir(work: Path, task: str, method: str, seed: int, budget: dict) -> Path:
+    """``work/task/METHOD_seedN``; RPD runs with overrides get them in the name (so PPO and residual runs
+    are reused when only RPD's settings change)."""
+    extra = rpd_overrides(budget, task) if method == "rpd" else []
+    tag = "".join(f"-{kv.replace('=', '')}" for kv in extra)
+    return work / task / f"{method}{tag}_seed{seed}"
+
+
 def train_run(task: str, method: str, seed: int, ckpt: Path, work: Path, budget: dict) -> dict:
-    run = work / task / f"{method}_seed{seed}"
+    run = run_dir(work, task, method, seed, budget)
     if not (run / "report.json").exists():
         distill = "residual_rl" if method == "residual_rl" else "rpd"
         teach = ["teacher=none"] if method == "ppo" else ["teacher=checkpoint", f"teacher.path={ckpt}"]
-        extra = [f"distill.{kv}" for kv in budget.get("rpd_overrides", [])] if method == "rpd" else []
+        extra = [f"distill.{kv}" for kv in rpd_overrides(budget, task)] if method == "rpd" else []
         _run([sys.executable, "-m", "embodied_distill.train", f"task={task}", f"distill={distill}", *teach,
               *extra, f"task.reward_mode={budget['reward_mode']}",
               f"seed={seed}", f"distill.total_steps={budget['steps']}",
@@ -181,7 +199,8 @@ def main() -> None:
     ap.add_argument("--reward-mode", default=None, choices=("normalized_dense", "dense", "sparse"),
                     help="ManiSkill reward for every RL run (default normalized_dense)")
     ap.add_argument("--rpd", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="extra distill.KEY=VALUE overrides for the RPD runs only (e.g. distill_loss=bc_nll)")
+                    help="distill.KEY=VALUE overrides for the RPD runs only (e.g. distill_loss=bc_nll); "
+                         "TASK:KEY=VALUE for one task")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each single-threaded)")
     ap.add_argument("--teacher-pickcube", default=None, help="teacher checkpoint dir (else trained here)")
     ap.add_argument("--teacher-pushcube", default=None)
@@ -213,7 +232,7 @@ def main() -> None:
               f"({teachers[task]['episodes']} unseen seeds)", flush=True)
     def one(key: tuple[int, str, str]) -> dict | None:
         seed, task, method = key
-        done = (work / name / task / f"{method}_seed{seed}" / "report.json").exists()
+        done = (run_dir(work / name, task, method, seed, budget) / "report.json").exists()
         if not done and args.stop_after_s is not None and time.perf_counter() - t0 > args.stop_after_s:
             missing.append(f"{task}/{method}/seed{seed}")
             return None
