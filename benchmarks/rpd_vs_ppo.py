@@ -143,19 +143,23 @@ def targets(rows: list[dict], budget: dict) -> dict:
         if "rpd" not in by:
             continue
         rpd = by["rpd"]
-        res = {"rpd_beats_teacher": rpd["final_success_mean"] > rpd["teacher_success"]}
+        res = {"rpd_beats_teacher": rpd["final_success_mean"] > rpd["teacher_success"],
+               "rpd_final_vs_teacher": f"{rpd['final_success_mean']:.2f} vs {rpd['teacher_success']:.2f}"}
         if "ppo" in by:
-            reach_r = [x for x in rpd["steps_to_0.8"] if x is not None]
-            reach_p = [x for x in by["ppo"]["steps_to_0.8"] if x is not None]
-            if len(reach_r) < len(rpd["steps_to_0.8"]):
+            reach_r, reach_p = rpd["steps_to_0.8"], by["ppo"]["steps_to_0.8"]
+            if any(x is None for x in reach_r):
                 res["rpd_3x_faster_than_ppo"] = "undecided: RPD did not reach 0.8 in every seed within budget"
             else:
-                all_ppo = len(reach_p) == len(by["ppo"]["steps_to_0.8"])
-                ppo_steps = float(np.mean(reach_p)) if all_ppo else None
-                bound = ppo_steps if ppo_steps is not None else budget["steps"]  # PPO: at least the budget
-                ok = float(np.mean(reach_r)) <= bound / 3
-                res["rpd_3x_faster_than_ppo"] = ok if ppo_steps is not None or ok else \
-                    "undecided: PPO did not reach 0.8 within budget"
+                # a PPO seed that never reached 0.8 counts as the budget: a lower bound on PPO's mean
+                ppo_bound = float(np.mean([x if x is not None else budget["steps"] for x in reach_p]))
+                exact = all(x is not None for x in reach_p)
+                ratio = ppo_bound / max(float(np.mean(reach_r)), 1.0)
+                ok = ratio >= 3.0
+                res["rpd_3x_faster_than_ppo"] = ok if exact or ok else \
+                    "undecided: PPO did not reach 0.8 in every seed within budget"
+                ppo_s = f"mean {ppo_bound:.0f}" if exact else f"at least {ppo_bound:.0f}"
+                res["ppo_over_rpd_steps_to_0.8"] = f"{'' if exact else '>= '}{ratio:.2f}x " \
+                    f"(RPD mean {np.mean(reach_r):.0f}, PPO {ppo_s})"
         out[task] = res
     return out
 
@@ -265,7 +269,10 @@ def main() -> None:
             f"training {train_min:.1f} min (plus evaluation).\n\n")
     if args.note:
         head += f"**Note:** {args.note}\n\n"
-    md = head + table + "\n\nTargets: " + json.dumps(tgt) + f"\n\n![curves]({name}.png)\n"
+    tgt_md = "\n".join(f"- **{task}**: " + "; ".join(f"{k} = {v}" for k, v in res.items())
+                       for task, res in tgt.items())
+    md = head + table + "\n\nTargets (RPD reaches 0.8 in <= 1/3 of PPO's env steps; RPD's final success " \
+        f"exceeds the teacher's):\n{tgt_md}\n\n![curves]({name}.png)\n"
     write_results(name, {"budget": budget, "tasks": tasks, "seeds": seeds, "methods": args.methods,
                          "teachers": teachers, "rows": rows, "targets": tgt, "runs": runs,
                          "partial": bool(missing), "missing_runs": missing, "note": args.note,
