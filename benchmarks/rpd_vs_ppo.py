@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -86,24 +87,42 @@ def run_dir(work: Path, task: str, method: str, seed: int, budget: dict) -> Path
     are reused when only RPD's settings change)."""
     extra = rpd_overrides(budget, task) if method == "rpd" else []
     tag = "".join(f"-{kv.replace('=', '')}" for kv in extra)
+    if method_steps(budget, method) != budget["steps"]:
+        tag += f"-{method_steps(budget, method)}steps"
     return work / task / f"{method}{tag}_seed{seed}"
+
+
+def method_steps(budget: dict, method: str) -> int:
+    """A method's env-step budget: ``--ppo-steps`` for PPO when given, else the common budget."""
+    return int(budget.get("ppo_steps") or budget["steps"]) if method == "ppo" else int(budget["steps"])
 
 
 def train_run(task: str, method: str, seed: int, ckpt: Path, work: Path, budget: dict) -> dict:
     run = run_dir(work, task, method, seed, budget)
+    steps = method_steps(budget, method)
+    # a longer PPO run continues the finished common-budget run (its atomic training state: weights,
+    # optimiser, obs statistics, RNG, curve), exactly as a crash resume would, instead of redoing it
+    base = run_dir(work, task, method, seed, {**budget, "ppo_steps": None})
+    cont = steps > budget["steps"] and (base / "report.json").exists() and (base / "train_state").is_dir()
     if not (run / "report.json").exists():
+        if cont and not (run / "train_state").exists():
+            shutil.copytree(base / "train_state", run / "train_state")
         distill = "residual_rl" if method == "residual_rl" else "rpd"
         teach = ["teacher=none"] if method == "ppo" else ["teacher=checkpoint", f"teacher.path={ckpt}"]
         extra = [f"distill.{kv}" for kv in rpd_overrides(budget, task)] if method == "rpd" else []
         _run([sys.executable, "-m", "embodied_distill.train", f"task={task}", f"distill={distill}", *teach,
               *extra, f"task.reward_mode={budget['reward_mode']}",
-              f"seed={seed}", f"distill.total_steps={budget['steps']}",
+              f"seed={seed}", f"distill.total_steps={steps}",
               f"distill.eval_every={budget['eval_every']}",
               f"distill.eval_episodes={budget['eval_episodes']}", f"eval.episodes={budget['final_episodes']}",
-              "eval.num_envs=1", "eval.video_episodes=0", "torch_threads=1", "device=cpu", "resume=false",
-              f"hydra.run.dir={run}"], run.with_suffix(".log"))
+              "eval.num_envs=1", "eval.video_episodes=0", "torch_threads=1", "device=cpu",
+              f"resume={str(cont).lower()}", f"hydra.run.dir={run}"], run.with_suffix(".log"))
     rep = json.loads((run / "report.json").read_text())
     curve = rep["curve"]
+    if cont:  # states saved before the curve travelled with them: take the first part from the base run
+        first = json.loads((base / "report.json").read_text())["curve"]
+        curve = first + [p for p in curve if p["env_steps"] > first[-1]["env_steps"]]
+        rep["train_wall_s"] += json.loads((base / "report.json").read_text())["train_wall_s"]
     reach = next((p["env_steps"] for p in curve if p["eval_success"] >= TARGET), None)
     return {"task": task, "method": method, "seed": seed, "final_success": rep["success_rate"],
             "final_episodes": rep["episodes"], "final_return": rep["mean_return"], "steps_to_0.8": reach,
@@ -128,7 +147,8 @@ def summarize(runs: list[dict], teachers: dict, budget: dict) -> tuple[list[dict
                    "steps_to_0.8": reach, "teacher_success": teachers[task]["success_rate"],
                    "train_wall_s_mean": float(np.mean([r["train_wall_s"] for r in rs]))}
             rows.append(row)
-            reach_s = ", ".join(str(x) if x is not None else f"not within {budget['steps']}" for x in reach)
+            reach_s = ", ".join(str(x) if x is not None else f"not within {method_steps(budget, method)}"
+                               for x in reach)
             lines.append(f"| {task} | {method} | {len(rs)} | {fin.mean():.2f} ± {fin.std():.2f} | "
                          f"{reach_s} | {teachers[task]['success_rate']:.2f} | "
                          f"{row['train_wall_s_mean']:.0f} |")
@@ -151,7 +171,8 @@ def targets(rows: list[dict], budget: dict) -> dict:
                 res["rpd_3x_faster_than_ppo"] = "undecided: RPD did not reach 0.8 in every seed within budget"
             else:
                 # a PPO seed that never reached 0.8 counts as the budget: a lower bound on PPO's mean
-                ppo_bound = float(np.mean([x if x is not None else budget["steps"] for x in reach_p]))
+                ppo_budget = method_steps(budget, "ppo")
+                ppo_bound = float(np.mean([x if x is not None else ppo_budget for x in reach_p]))
                 exact = all(x is not None for x in reach_p)
                 ratio = ppo_bound / max(float(np.mean(reach_r)), 1.0)
                 ok = ratio >= 3.0
@@ -206,6 +227,9 @@ def main() -> None:
                     help="distill.KEY=VALUE overrides for the RPD runs only (e.g. distill_loss=bc_nll); "
                          "TASK:KEY=VALUE for one task")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each single-threaded)")
+    ap.add_argument("--ppo-steps", type=int, default=None,
+                    help="a longer budget for PPO alone (continues finished --steps runs), to bound PPO's "
+                         "steps to 0.8 when it does not get there within the common budget")
     ap.add_argument("--teacher-pickcube", default=None, help="teacher checkpoint dir (else trained here)")
     ap.add_argument("--teacher-pushcube", default=None)
     ap.add_argument("--stop-after-s", type=float, default=None, help="start no new run after this many s")
@@ -222,6 +246,7 @@ def main() -> None:
     if args.reward_mode:
         budget["reward_mode"] = args.reward_mode
     budget["rpd_overrides"] = list(args.rpd)
+    budget["ppo_steps"] = args.ppo_steps
     name = args.name or ("rpd_vs_ppo_quick" if args.quick else "rpd_vs_ppo")
     tasks = args.tasks or (["pickcube"] if args.quick else ["pickcube", "pushcube"])
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
@@ -258,8 +283,11 @@ def main() -> None:
     wall = time.perf_counter() - t0
     train_min = sum(r["train_wall_s"] for r in runs) / 60
     demos = ", ".join(f"{budget['teacher_demos'][t]} {t}" for t in tasks)
+    ppo_note = f" (PPO: {budget['ppo_steps']}, continuing its {budget['steps']}-step runs)" \
+        if budget.get("ppo_steps") else ""
     head = (f"## {name}{' (PARTIAL: missing ' + ', '.join(missing) + ')' if missing else ''}\n\n"
-            f"Budget per run: {budget['steps']} env steps, reward `{budget['reward_mode']}` (1 CPU env, PPO "
+            f"Budget per run: {budget['steps']} env steps{ppo_note}, reward `{budget['reward_mode']}` "
+            "(1 CPU env, PPO "
             "rollouts of 500 steps, 10 epochs, minibatch 50, gamma 0.8: configs/distill/rpd.yaml; RPD "
             f"overrides: {' '.join(budget['rpd_overrides']) or 'none'}), curve every "
             f"{budget['eval_every']} steps on {budget['eval_episodes']} held-out seeds, final success on "

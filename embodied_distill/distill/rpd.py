@@ -335,7 +335,8 @@ def train_rl(cfg: DictConfig, run_dir: Path, runner, device: torch.device, rcfg:
     per_rollout = rcfg.n_steps * rcfg.num_envs
     chunk = max(1, math.ceil(rcfg.eval_every / per_rollout)) * per_rollout
     eval_venv = runner.make_vec_env(num_envs=1)
-    curve: list[dict[str, float]] = []
+    # the learning curve so far travels with the training state, so a resumed run reports all of it
+    curve: list[dict[str, float]] = list(resumed["extra"].get("curve", [])) if resumed is not None else []
     t_start = time.perf_counter()
     try:
         while learner.num_timesteps < rcfg.total_steps:
@@ -360,7 +361,7 @@ def train_rl(cfg: DictConfig, run_dir: Path, runner, device: torch.device, rcfg:
                   f"return {ev['mean_return']:.1f}, {fps:.0f} env steps/s, "
                   f"distill {learner.last_terms.get('distill_loss', float('nan')):.4f}")
             save_train_state(state_dir, step, policy.actor_critic.state_dict(), learner.policy.optimizer,
-                             extra={"curve_tail": point})
+                             extra={"curve": curve})
     finally:
         eval_venv.close()
         venv.close()
