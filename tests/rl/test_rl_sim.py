@@ -169,3 +169,23 @@ def test_rpd_with_an_imperfect_bc_teacher_improves_success_on_sparse_pushcube(tm
     report = train_rl(cfg, tmp_path / "rpd", runner, torch.device("cpu"), rcfg, policy, make_env, teacher,
                       horizon, horizon, "rpd")
     assert report["success_rate"] >= before + 0.2, (before, report["success_rate"])
+
+
+def test_resumed_rl_run_continues_from_its_state_and_reports_the_whole_curve(tmp_path):
+    """A run stopped at 500 env steps and resumed to 1000 restarts at step 500 (not 0) and its report
+    carries the curve points from before the stop (the benchmark's longer PPO budget relies on it)."""
+    runner = ManiSkillRunner(TASK, sim_backend="cpu")
+    cfg = OmegaConf.create({"seed": 0, "resume": True, "eval": {"seed_start": 100_000, "episodes": 1,
+                                                                  "num_envs": 1, "video_episodes": 0}})
+    reports = []
+    for total in (500, 1000):
+        torch.manual_seed(0)
+        rcfg = RPDConfig(total_steps=total, n_steps=250, batch_size=125, eval_every=250, eval_episodes=1)
+        policy = RLPolicy(student_config(rcfg, DS, DA, 1, -1.0, 1.0))
+        reports.append(train_rl(cfg, tmp_path, runner, torch.device("cpu"), rcfg, policy,
+                                env_factory(runner, 1, None, 1.0, 2_000_000), None, 1, 1, "ppo"))
+    assert [p["env_steps"] for p in reports[0]["curve"]] == [250, 500]
+    assert [p["env_steps"] for p in reports[1]["curve"]] == [250, 500, 750, 1000]
+    assert reports[1]["curve"][:2] == reports[0]["curve"]
+    log = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log if "eval/success_rate" in x] == [250, 500, 750, 1000]
