@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from embodied_distill.sim.maniskill import REWARD_MODES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO_ROOT, write_results  # noqa: E402
@@ -38,7 +39,7 @@ from _common import REPO_ROOT, write_results  # noqa: E402
 METHODS = ("ppo", "rpd", "residual_rl")
 TARGET = 0.8
 # teacher_demos per task: few enough that MLP BC stays imperfect (0.3-0.6 on unseen seeds, as the issue asks):
-# 50 PickCube demos give 0.30, 10 PushCube demos 0.40 (50 give 0.88)
+# 50 PickCube demos give 0.34, 10 PushCube demos 0.40 (50 give 0.88)
 FULL = {"steps": 100_000, "eval_every": 5000, "eval_episodes": 20, "final_episodes": 50,
         "teacher_demos": {"pickcube": 50, "pushcube": 10}, "teacher_steps": 2000,
         "reward_mode": "normalized_dense"}
@@ -120,9 +121,9 @@ def train_run(task: str, method: str, seed: int, ckpt: Path, work: Path, budget:
     rep = json.loads((run / "report.json").read_text())
     curve = rep["curve"]
     if cont:  # states saved before the curve travelled with them: take the first part from the base run
-        first = json.loads((base / "report.json").read_text())["curve"]
-        curve = first + [p for p in curve if p["env_steps"] > first[-1]["env_steps"]]
-        rep["train_wall_s"] += json.loads((base / "report.json").read_text())["train_wall_s"]
+        first = json.loads((base / "report.json").read_text())
+        curve = first["curve"] + [p for p in curve if p["env_steps"] > first["curve"][-1]["env_steps"]]
+        rep["train_wall_s"] += first["train_wall_s"]
     reach = next((p["env_steps"] for p in curve if p["eval_success"] >= TARGET), None)
     return {"task": task, "method": method, "seed": seed, "final_success": rep["success_rate"],
             "final_episodes": rep["episodes"], "final_return": rep["mean_return"], "steps_to_0.8": reach,
@@ -221,7 +222,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--steps", type=int, default=None, help="env steps per run (overrides the preset)")
     ap.add_argument("--eval-every", type=int, default=None)
-    ap.add_argument("--reward-mode", default=None, choices=("normalized_dense", "dense", "sparse"),
+    ap.add_argument("--reward-mode", default=None, choices=REWARD_MODES,
                     help="ManiSkill reward for every RL run (default normalized_dense)")
     ap.add_argument("--rpd", nargs="*", default=[], metavar="KEY=VALUE",
                     help="distill.KEY=VALUE overrides for the RPD runs only (e.g. distill_loss=bc_nll); "
@@ -287,12 +288,10 @@ def main() -> None:
         if budget.get("ppo_steps") else ""
     head = (f"## {name}{' (PARTIAL: missing ' + ', '.join(missing) + ')' if missing else ''}\n\n"
             f"Budget per run: {budget['steps']} env steps{ppo_note}, reward `{budget['reward_mode']}` "
-            "(1 CPU env, PPO "
-            "rollouts of 500 steps, 10 epochs, minibatch 50, gamma 0.8: configs/distill/rpd.yaml; RPD "
-            f"overrides: {' '.join(budget['rpd_overrides']) or 'none'}), curve every "
-            f"{budget['eval_every']} steps on {budget['eval_episodes']} held-out seeds, final success on "
-            f"{budget['final_episodes']} unseen seeds. Teacher: MLP BC on "
-            f"{demos} demos. "
+            "(1 CPU env, PPO rollouts of 500 steps, 10 epochs, minibatch 50, gamma 0.8: "
+            f"configs/distill/rpd.yaml; RPD overrides: {' '.join(budget['rpd_overrides']) or 'none'}), "
+            f"curve every {budget['eval_every']} steps on {budget['eval_episodes']} held-out seeds, final "
+            f"success on {budget['final_episodes']} unseen seeds. Teacher: MLP BC on {demos} demos. "
             f"Wall time: this invocation {wall / 60:.1f} min ({args.jobs} runs at a time), the runs' "
             f"training {train_min:.1f} min (plus evaluation).\n\n")
     if args.note:
