@@ -57,6 +57,19 @@ def machine_info() -> dict:
     return info
 
 
+def scoped_overrides(items: list[str], task: str) -> list[str]:
+    """The command-line overrides that apply to ``task``: ``KEY=VALUE`` (every task) or ``TASK:KEY=VALUE``
+    (only ``task``; the scope is read from the key, so a value may hold a colon)."""
+    out = []
+    for kv in items:
+        scope, sep, _ = kv.partition("=")[0].partition(":")
+        if not sep:
+            out.append(kv)
+        elif scope == task:
+            out.append(kv[len(scope) + 1:])
+    return out
+
+
 def write_results(name: str, payload: dict, table_md: str, out_dir: str | os.PathLike | None = None) -> Path:
     """Write ``<out_dir>/<name>.json`` (payload plus ``machine`` and ``git_sha`` unless already given) and
     ``<out_dir>/<name>.md`` (the Markdown table); returns the JSON path. Default: benchmarks/results."""

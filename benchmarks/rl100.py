@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO_ROOT, write_results  # noqa: E402
+from _common import REPO_ROOT, scoped_overrides, write_results  # noqa: E402
 
 COMMON = ["student=diffusion", "distill=rl100", "torch_threads=1", "eval.num_envs=2",
           "eval.video_episodes=0", "distill.batch_size=64", "distill.checkpoint_every=250",
@@ -144,6 +144,9 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=50,
                     help="evaluation episodes per stage / iteration (full runs; the issue asks >= 50)")
     ap.add_argument("--name", default=None, help="results file name (default rl100, rl100_quick)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="[TASK:]KEY=VALUE",
+                    help="extra config overrides of the runs (every task, or TASK: only that task), "
+                         "e.g. pushcube:demos.n_episodes=30 (use a fresh --work)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     work = Path(args.work) / ("quick" if args.quick else "full")
@@ -154,6 +157,7 @@ def main() -> None:
     done = []
     for task in args.tasks:
         overrides = list(QUICK if args.quick else [*FULL[task], f"eval.episodes={args.episodes}"])
+        overrides += scoped_overrides(args.set, task)
         if task == "pickcube" and args.pickcube_stage1 and not args.quick:
             stage1 = work / "pickcube_stage1_checkpoint"
             if not stage1.exists():
@@ -183,7 +187,8 @@ def write(done: list[str], missing: list[str], work: Path, args) -> None:
     name = args.name or ("rl100_quick" if args.quick else "rl100")
     write_results(name, {"quick": args.quick, "tasks": done, "missing_tasks": missing, "results": results,
                          "settings": {"common": COMMON, "full": FULL, "quick": QUICK, "bad_update": BAD},
-                         "eval_episodes": None if args.quick else args.episodes, "note": args.note},
+                         "eval_episodes": None if args.quick else args.episodes, "note": args.note,
+                         "set": list(args.set)},
                   header + "\n\n" + md, args.out)
     print(md, flush=True)
 

@@ -34,7 +34,7 @@ import numpy as np
 from embodied_distill.sim.maniskill import REWARD_MODES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO_ROOT, write_results  # noqa: E402
+from _common import REPO_ROOT, scoped_overrides, write_results  # noqa: E402
 
 METHODS = ("ppo", "rpd", "residual_rl")
 TARGET = 0.8
@@ -75,12 +75,7 @@ def teacher(task: str, work: Path, given: str | None, budget: dict) -> tuple[Pat
 
 def rpd_overrides(budget: dict, task: str) -> list[str]:
     """The ``--rpd`` overrides that apply to ``task``: ``KEY=VALUE`` (every task) or ``TASK:KEY=VALUE``."""
-    out = []
-    for kv in budget.get("rpd_overrides", []):
-        scope, _, rest = kv.rpartition(":")
-        if scope in ("", task):
-            out.append(rest)
-    return out
+    return scoped_overrides(budget.get("rpd_overrides", []), task)
 
 
 def run_dir(work: Path, task: str, method: str, seed: int, budget: dict) -> Path:
