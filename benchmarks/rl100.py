@@ -86,7 +86,7 @@ def task_result(main_dir: Path, bad_dir: Path) -> dict:
         "bad_update": {"decision": bad_decision, "evals": bad["evals"]},
         "targets": {
             "success_never_drops_across_accepted": all(b >= a for (_, a), (_, b) in zip(curve, curve[1:])),
-            # rates are k / n: 0.59 - 0.49 must count as 10 points (0.49 + 0.10 rounds above 0.59)
+            # rates are k / n: 0.20 -> 0.30 is 10 points, though 0.2 + 0.1 > 0.3 in floats
             "final_ge_stage1_plus_10pts_or_095": final - curve[0][1] >= 0.10 - 1e-9 or final >= 0.95 - 1e-9,
             "bad_update_rejected_by_gate": bool(bad_decision) and not bad_decision["gate_verdict"],
             "bad_update_accepted_with_gate_disabled": bool(bad_decision) and bool(bad_decision["accepted"]),
