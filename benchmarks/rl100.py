@@ -167,9 +167,12 @@ def main() -> None:
         main_dir, bad_dir = work / task, work / f"{task}_bad_update"
         complete = run_piece(task, main_dir, overrides, args.budget_s - (time.time() - t0))
         if complete:
+            # the same stage 1 and offline data as the main run (its own, or those it reused itself)
+            given = dict(o.split("=", 1) for o in overrides)
+            data_from = given.get("distill.rl.offline_from", str(main_dir))
             bad = [o for o in overrides if not o.startswith("distill.rl.offline_iterations")] + BAD + [
                 f"distill.rl.stage1_checkpoint={main_dir / 'policies' / 'stage1'}",
-                f"distill.rl.offline_from={main_dir}"]
+                f"distill.rl.offline_from={data_from}"]
             complete = run_piece(task, bad_dir, bad, args.budget_s - (time.time() - t0))
         if not complete:
             print("[bench] budget used; rerun to continue", flush=True)
