@@ -54,7 +54,9 @@ def test_real_teacher_loads_answers_and_distils_one_step(smollm2):
 def test_real_distillation_lowers_the_divergence(smollm2, method):
     teacher, tokenizer, _ = smollm2
     torch.manual_seed(0)
-    student = layer_subset_student(teacher, list(range(6)))
+    # six evenly spaced blocks, first and last kept (as benchmarks/lm_opd.py): the first six blocks alone
+    # start far off (reverse KL ~6.9) and 15 steps move them by less than 20%
+    student = layer_subset_student(teacher, [0, 6, 12, 18, 24, 29])
     prompts = make_task("plural", seed=0).train[:8]
     kw = {"loss": "generalized_jsd", "lmbda": 0.5} if method == "gkd" else {
         "loss": "sampled_reverse_kl", "teacher_scoring": "sampled", "lmbda": 1.0}  # fmt: skip
