@@ -60,13 +60,14 @@ NAME = "lm_opd"
 WARMUP_ROOT = REPO_ROOT / "outputs" / "lm_bench"
 SEED = 0
 
+# the teacher's blocks the student keeps (evenly spaced, first and last included: the first six blocks, used
+# before, left a student at 0% exact-match even after warm-up)
+STUDENT_LAYERS = [0, 6, 12, 18, 24, 29]
 # unlabeled: extra answer-less training prompts ("What is the plural of <vocabulary word>?")
-# student_layers: the teacher's blocks the student keeps (evenly spaced, first and last included: the first
-# six blocks, used before, left a student at 0% exact-match even after warm-up)
 FULL = {"steps": 60, "batch_size": 8, "max_new_tokens": 12, "lr": 3e-4, "warmup_steps": 600, "unlabeled": 500}
-FULL.update(eval_limit=None, student_layers=[0, 6, 12, 18, 24, 29])
+FULL.update(eval_limit=None, student_layers=STUDENT_LAYERS)
 QUICK = {"steps": 4, "batch_size": 4, "max_new_tokens": 8, "lr": 3e-4, "warmup_steps": 60, "unlabeled": 100}
-QUICK.update(eval_limit=16, student_layers=[0, 6, 12, 18, 24, 29])
+QUICK.update(eval_limit=16, student_layers=STUDENT_LAYERS)
 
 VARIANTS: dict[str, dict] = {
     "trl_gkd": {"engine": "trl", "beta": 0.5},
