@@ -26,6 +26,10 @@ batch size, ``max_new_tokens``, learning rate and number of steps:
   2800 trained tokens per step), 10 steps, the student's activations recomputed in backward
   (``train.gradient_checkpointing``) on both sides. At batch 8 (about 90 tokens) the loss's tensors are a
   few percent of the peak, so no token selection can move it much there.
+* ``trl_gkd_mmap1m`` / ``ours_gkd_glibc_default``: the allocator ablation. Our trainer sets glibc's
+  mmap threshold to 1 MiB (``train.mmap_threshold_mib``, :mod:`embodied_distill.memory`) so freed
+  tensors go back to the system; TRL with the same policy (``MALLOC_MMAP_THRESHOLD_`` in its
+  environment) and ours without it show how much of the memory gap is allocator policy.
 * ``ours_live_topk`` / ``ours_offline``: JSD on the teacher's top-64 over teacher-sampled completions
   (sequence-level KD), generated and scored live every step vs precomputed once into an offline cache
   (Lightning OPD; the cache build is timed apart and no teacher is in memory while training).
@@ -71,9 +75,15 @@ QUICK.update(eval_limit=16, student_layers=STUDENT_LAYERS)
 
 VARIANTS: dict[str, dict] = {
     "trl_gkd": {"engine": "trl", "beta": 0.5},
+    "trl_gkd_mmap1m": {"engine": "trl", "beta": 0.5, "env": {"MALLOC_MMAP_THRESHOLD_": str(2**20)}},
     "ours_gkd": {
         "engine": "ours",
         "distill": {"loss": "generalized_jsd", "beta": 0.5, "loss_path": "hidden"},
+    },
+    "ours_gkd_glibc_default": {
+        "engine": "ours",
+        "distill": {"loss": "generalized_jsd", "beta": 0.5, "loss_path": "hidden"},
+        "train": {"mmap_threshold_mib": None},
     },
     "ours_gkd_topk": {
         "engine": "ours",
@@ -179,6 +189,7 @@ def _lm_cfg(setup: dict, spec: dict):
             lr=setup["lr"],
             seed=SEED,
             gradient_checkpointing=setup.get("gradient_checkpointing", False),
+            **spec.get("train", {}),
         ),
     )
 
@@ -457,6 +468,7 @@ def spawn(name: str, setup: dict, student_dir: Path) -> dict:
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONWARNINGS": "ignore",
+        **VARIANTS.get(name, {}).get("env", {}),
     }
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
@@ -484,7 +496,9 @@ def table(results: dict, setup: dict, before: dict, label: str) -> str:
     ]
     desc = {
         "trl_gkd": "TRL GKDTrainer, JSD(0.5), full logits",
+        "trl_gkd_mmap1m": "`trl_gkd` with glibc MALLOC_MMAP_THRESHOLD_=1 MiB (our allocator policy)",
         "ours_gkd": "JSD(0.5), hidden-state chunked",
+        "ours_gkd_glibc_default": "`ours_gkd` with glibc's default allocator (mmap_threshold_mib=null)",
         "ours_gkd_topk": "JSD(0.5), teacher top-64",
         "ours_all_tokens": "reverse KL, logits, all tokens",
         "ours_tip50": "reverse KL, logits, TIP 50% by entropy",
@@ -538,6 +552,11 @@ def ratios(results: dict) -> dict:
         "peak_rss_ours_gkd_vs_trl": get("ours_gkd", "trl_gkd", "peak_rss_mib"),
         "peak_rss_ours_topk_vs_trl": get("ours_gkd_topk", "trl_gkd", "peak_rss_mib"),
         "train_peak_above_loaded_ours_gkd_vs_trl": get("ours_gkd", "trl_gkd", "train_peak_above_loaded_mib"),
+        # the allocator ablation (informational; the targets compare with TRL as it ships)
+        "peak_rss_ours_gkd_vs_trl_same_allocator": get("ours_gkd", "trl_gkd_mmap1m", "peak_rss_mib"),
+        "peak_rss_ours_topk_vs_trl_same_allocator": get("ours_gkd_topk", "trl_gkd_mmap1m", "peak_rss_mib"),
+        "peak_rss_ours_gkd_glibc_default_vs_trl": get("ours_gkd_glibc_default", "trl_gkd", "peak_rss_mib"),
+        "throughput_ours_gkd_vs_glibc_default": inv("ours_gkd_glibc_default", "ours_gkd", "s_per_step"),
         "tip50_peak_rss_vs_all_tokens": get("ours_tip50", "ours_all_tokens", "peak_rss_mib"),
         "tip50_train_peak_above_loaded_vs_all_tokens": get(
             "ours_tip50", "ours_all_tokens", "train_peak_above_loaded_mib"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from embodied_distill.memory import MAX_MMAP_THRESHOLD_MIB
+
 from .objective import CACHED_TOPK_LOSSES, LOSS_PATHS, LOSSES, SAMPLED_LOSSES, LossSpec
 from .scoring import SCORING_MODES
 
@@ -195,6 +197,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute the student's decoder-layer activations in the backward pass instead of storing them
     (Hugging Face ``gradient_checkpointing_enable``): less memory, about one more forward pass of time."""
+    mmap_threshold_mib: float | None = 1.0
+    """glibc only, process-wide: blocks of at least this many MiB get their own ``mmap`` and go back to the
+    system when freed (:func:`embodied_distill.memory.set_mmap_threshold`), instead of staying as heap
+    fragmentation (hundreds of MiB on CPU). In (0, 32]; ``null`` leaves the C library's default."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -209,6 +215,11 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ValueError(f"train.eval_limit must be >= 1 or null, got {self.eval_limit}")
+        if self.mmap_threshold_mib is not None and not 0 < self.mmap_threshold_mib <= MAX_MMAP_THRESHOLD_MIB:
+            raise ValueError(
+                f"train.mmap_threshold_mib must be in (0, {MAX_MMAP_THRESHOLD_MIB:g}] or null, "
+                f"got {self.mmap_threshold_mib}"
+            )
 
 
 @dataclass

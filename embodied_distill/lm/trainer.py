@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from embodied_distill import distributed
 from embodied_distill.losses import TaidState, taid_update
+from embodied_distill.memory import set_mmap_threshold
 
 from .config import LMConfig
 from .models import check_compatible
@@ -102,6 +103,8 @@ class Distiller:
     ):
         self.cfg, self.d, self.t = cfg, cfg.distill, cfg.train
         self.student, self.tokenizer = student, tokenizer
+        if self.t.mmap_threshold_mib is not None:
+            set_mmap_threshold(self.t.mmap_threshold_mib)
         if self.t.gradient_checkpointing:
             if not getattr(student, "supports_gradient_checkpointing", False):
                 raise ValueError(
