@@ -47,6 +47,26 @@ def test_a_few_steps_lower_the_divergence_on_fixed_prompts(tokenizer, teacher, e
         assert metrics[-1]["taid_t"] > metrics[0]["taid_t"] >= 0.4
 
 
+def test_the_distiller_applies_the_configured_mmap_threshold(tokenizer, teacher, student, examples):
+    import dataclasses
+
+    from embodied_distill import memory
+
+    if memory._glibc() is None:
+        pytest.skip("the policy is glibc's mallopt")
+    cfg = make_cfg()
+    Distiller(
+        student,
+        tokenizer,
+        teacher,
+        examples,
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mmap_threshold_mib=2.0)),
+    )
+    assert memory._applied == 2.0
+    Distiller(student, tokenizer, teacher, examples, cfg)  # the default: 1 MiB
+    assert memory._applied == 1.0
+
+
 def test_lambda_decides_who_writes_the_completions(tokenizer, teacher, student, examples):
     d = Distiller(student, tokenizer, teacher, examples, make_cfg(lmbda=0.3))
     sources = [d.choose_source(s) for s in range(400)]
