@@ -73,16 +73,14 @@ FULL.update(eval_limit=None, student_layers=STUDENT_LAYERS)
 QUICK = {"steps": 4, "batch_size": 4, "max_new_tokens": 8, "lr": 3e-4, "warmup_steps": 60, "unlabeled": 100}
 QUICK.update(eval_limit=16, student_layers=STUDENT_LAYERS)
 
+GKD_HIDDEN = {"loss": "generalized_jsd", "beta": 0.5, "loss_path": "hidden"}  # ours_gkd and its ablation
 VARIANTS: dict[str, dict] = {
     "trl_gkd": {"engine": "trl", "beta": 0.5},
     "trl_gkd_mmap1m": {"engine": "trl", "beta": 0.5, "env": {"MALLOC_MMAP_THRESHOLD_": str(2**20)}},
-    "ours_gkd": {
-        "engine": "ours",
-        "distill": {"loss": "generalized_jsd", "beta": 0.5, "loss_path": "hidden"},
-    },
+    "ours_gkd": {"engine": "ours", "distill": GKD_HIDDEN},
     "ours_gkd_glibc_default": {
         "engine": "ours",
-        "distill": {"loss": "generalized_jsd", "beta": 0.5, "loss_path": "hidden"},
+        "distill": GKD_HIDDEN,
         "train": {"mmap_threshold_mib": None},
     },
     "ours_gkd_topk": {

@@ -46,6 +46,12 @@ def _glibc():
     return libc
 
 
+def check_mmap_threshold(mib: float, name: str = "mmap threshold") -> None:
+    """Raise ``ValueError`` (naming ``name``) unless ``0 < mib <= 32``: the thresholds glibc accepts."""
+    if not 0 < mib <= MAX_MMAP_THRESHOLD_MIB:
+        raise ValueError(f"{name} must be in (0, {MAX_MMAP_THRESHOLD_MIB:g}] MiB, got {mib}")
+
+
 def set_mmap_threshold(mib: float) -> bool:
     """Serve every allocation of at least ``mib`` MiB with its own ``mmap`` (returned to the system on free).
 
@@ -56,8 +62,7 @@ def set_mmap_threshold(mib: float) -> bool:
     Raises ``ValueError`` for a threshold outside ``(0, 32]`` MiB.
     """
     global _applied
-    if not 0 < mib <= MAX_MMAP_THRESHOLD_MIB:
-        raise ValueError(f"mmap threshold must be in (0, {MAX_MMAP_THRESHOLD_MIB:g}] MiB, got {mib}")
+    check_mmap_threshold(mib)
     if _applied == mib:
         return True
     libc = _glibc()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from embodied_distill.memory import MAX_MMAP_THRESHOLD_MIB
+from embodied_distill.memory import check_mmap_threshold
 
 from .objective import CACHED_TOPK_LOSSES, LOSS_PATHS, LOSSES, SAMPLED_LOSSES, LossSpec
 from .scoring import SCORING_MODES
@@ -216,11 +216,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ValueError(f"train.eval_limit must be >= 1 or null, got {self.eval_limit}")
-        if self.mmap_threshold_mib is not None and not 0 < self.mmap_threshold_mib <= MAX_MMAP_THRESHOLD_MIB:
-            raise ValueError(
-                f"train.mmap_threshold_mib must be in (0, {MAX_MMAP_THRESHOLD_MIB:g}] or null, "
-                f"got {self.mmap_threshold_mib}"
-            )
+        if self.mmap_threshold_mib is not None:  # null: the C library's default
+            check_mmap_threshold(self.mmap_threshold_mib, "train.mmap_threshold_mib")
 
 
 @dataclass
