@@ -316,11 +316,24 @@ def check_maniskill() -> str:
 
 
 class _RecordSteps:
-    """Wraps an env for ManiSkill's motion-planning solutions and records (obs, action) pairs."""
+    """Wraps an env for ManiSkill's motion-planning solutions and records (obs, action) pairs.
 
-    def __init__(self, env):
+    With ``noise_prob > 0`` the executed action is perturbed DART-style during the approach (until the
+    gripper command first changes): with that probability per step, Gaussian noise of ``noise_std`` (env
+    units: radians for joint-position control) is added to every action dimension but the last (the
+    gripper), clipped to the action bounds; the recorded label stays the planner's clean action. Under
+    absolute joint-position control the next planned target pulls the arm back, so the demos show
+    corrections from states beside the planned path. Grasp and transport run clean: noise there drops
+    the object or leaves the arm moving at the end, and the episode would not count as a success.
+    """
+
+    def __init__(self, env, noise_std: float = 0.0, noise_prob: float = 0.0, seed: int = 0):
         self.env, self.states, self.actions, self.success = env, [], [], False
         self._obs = None
+        self.noise_std, self.noise_prob = float(noise_std), float(noise_prob)
+        self._rng = np.random.default_rng(seed + 7_919)
+        self._gripper0: float | None = None  # the first gripper command; the approach ends when it changes
+        self.approach = True
 
     def __getattr__(self, name):
         return getattr(self.env, name)
@@ -330,15 +343,29 @@ class _RecordSteps:
         return self._obs, info
 
     def step(self, action):
+        clean = np.asarray(action, np.float32).reshape(-1)
         self.states.append(np.asarray(self._obs, np.float32).reshape(-1))
-        self.actions.append(np.asarray(action, np.float32).reshape(-1))
-        self._obs, rew, term, trunc, info = self.env.step(action)
+        self.actions.append(clean)
+        executed = action
+        if self._gripper0 is None:
+            self._gripper0 = float(clean[-1])
+        self.approach = self.approach and float(clean[-1]) == self._gripper0
+        if self.approach and self.noise_prob > 0 and self._rng.random() < self.noise_prob:
+            space = self.env.action_space
+            executed = clean.copy()
+            executed[:-1] += self._rng.normal(0.0, self.noise_std, len(clean) - 1).astype(np.float32)
+            low, high = np.asarray(space.low).reshape(-1), np.asarray(space.high).reshape(-1)
+            executed = np.clip(executed, low, high)
+            executed = executed.reshape(np.shape(action))
+        self._obs, rew, term, trunc, info = self.env.step(executed)
         self.success = bool(np.asarray(info["success"]).reshape(-1)[0])
         return self._obs, rew, term, trunc, info
 
 
-def run_motionplanner_episode(env, task: str, seed: int, max_steps: int) -> dict[str, Any]:
-    """ManiSkill's own mplib motion-planning solution (needs control_mode pd_joint_pos, numpy < 2).
+def run_motionplanner_episode(env, task: str, seed: int, max_steps: int, noise_std: float = 0.0,
+                              noise_prob: float = 0.0) -> dict[str, Any]:
+    """ManiSkill's own mplib motion-planning solution (needs control_mode pd_joint_pos, numpy < 2), with
+    optional DART-style noise on the executed joint targets (see :class:`_RecordSteps`).
 
     Solutions exist for the panda (PickCube, StackCube, PushCube, PegInsertionSide) and, in mani-skill
     3.0.1, for the so100 arm on PickCube; the robot is read from the env.
@@ -357,7 +384,7 @@ def run_motionplanner_episode(env, task: str, seed: int, max_steps: int) -> dict
         raise KeyError(f"no motion-planning solutions for robot {robot!r} (have panda, so100)")
     if task not in solvers:
         raise KeyError(f"no motion-planning solution for task {task!r} with {robot}; have {sorted(solvers)}")
-    rec = _RecordSteps(env)
+    rec = _RecordSteps(env, noise_std, noise_prob, seed)
     try:
         solvers[task](rec, seed=seed, debug=False, vis=False)
     except Exception as e:  # the planner fails on some seeds (no IK / path); that episode is dropped
@@ -414,10 +441,8 @@ class ManiSkillRunner:
                               noise_std=noise_std, noise_prob=noise_prob)
             cfg = self.env_cfg
         else:
-            if noise_prob > 0:
-                raise ValueError("motion-planner demos do not support noise injection "
-                                 "(set demos.noise_prob=0)")
-            episode = partial(_planner_episode, task=self.task_name, max_steps=self.max_episode_steps)
+            episode = partial(_planner_episode, task=self.task_name, max_steps=self.max_episode_steps,
+                              noise_std=noise_std, noise_prob=noise_prob)
             cfg = dataclasses.replace(self.env_cfg, max_episode_steps=10 * self.max_episode_steps)
         return collect_demos(path, partial(make_single_env, dataclasses.replace(cfg, sim_backend="cpu")),
                              episode, n_episodes, seed_start=seed_start, num_workers=num_workers,
@@ -448,5 +473,5 @@ def _scripted_episode(env, seed, task, max_steps, noise_std, noise_prob):
     return run_expert_episode(env, task, seed, max_steps, noise_std=noise_std, noise_prob=noise_prob)
 
 
-def _planner_episode(env, seed, task, max_steps):
-    return run_motionplanner_episode(env, task, seed, max_steps)
+def _planner_episode(env, seed, task, max_steps, noise_std, noise_prob):
+    return run_motionplanner_episode(env, task, seed, max_steps, noise_std=noise_std, noise_prob=noise_prob)

@@ -67,6 +67,13 @@ class Embodiment:
     """Demo source: ``scripted`` (pd_ee_delta_pose experts in sim/maniskill.py) or ``motionplanner``."""
     max_episode_steps: int = 50
     """Episode limit on this robot (training and evaluation)."""
+    demos: int | None = None
+    """Successful demos of this robot for the IL base (None: ``distill.demos_per_embodiment``)."""
+    demo_noise_std: float | None = None
+    """DART noise on the expert's executed actions (env units of this robot's controller; recorded labels
+    stay clean). None: ``demos.noise_std``."""
+    demo_noise_prob: float | None = None
+    """Probability that a demo step's executed action is perturbed. None: ``demos.noise_prob``."""
     action_relative_to_state: bool = False
     """The policy predicts the action as an offset from the first Da state features (the joint positions):
     for absolute joint-position control, where BC on the absolute targets is too coarse to grasp."""
@@ -77,6 +84,18 @@ class Embodiment:
                              f"got {self.expert!r}")
         if self.max_episode_steps < 1:
             raise ValueError(f"embodiment {self.name!r}: max_episode_steps must be >= 1")
+        if self.demos is not None and self.demos < 1:
+            raise ValueError(f"embodiment {self.name!r}: demos must be >= 1")
+        if self.demo_noise_std is not None and self.demo_noise_std < 0 or \
+                self.demo_noise_prob is not None and not 0 <= self.demo_noise_prob <= 1:
+            raise ValueError(f"embodiment {self.name!r}: demo_noise_std must be >= 0 and demo_noise_prob "
+                             "in [0, 1]")
+
+    def demo_noise(self, demos: DictConfig) -> tuple[float, float]:
+        """(std, prob) of this robot's demo noise: its own fields, else the ``demos`` group's."""
+        std = demos.noise_std if self.demo_noise_std is None else self.demo_noise_std
+        prob = demos.noise_prob if self.demo_noise_prob is None else self.demo_noise_prob
+        return float(std), float(prob)
 
 
 @dataclasses.dataclass
@@ -160,7 +179,7 @@ def make_runner(cfg: DictConfig, emb: Embodiment):
 def demo_path(cfg: DictConfig, emb: Embodiment) -> Path:
     """Demo store of one embodiment; the panda's is the one ``distill=bc`` uses (shared cache)."""
     robot = "" if emb.robot_uids == "panda" else f"{emb.robot_uids}_"
-    std, prob = (cfg.demos.noise_std, cfg.demos.noise_prob) if emb.expert == "scripted" else (0.0, 0.0)
+    std, prob = emb.demo_noise(cfg.demos)
     name = f"{cfg.task.name}_{robot}{emb.control_mode}_{emb.expert}_noise{std}x{prob}.zarr"
     return Path(cfg.demos.dir) / name
 
@@ -232,16 +251,17 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 # ---------------------------------------------------------------------------- stage 1: IL base
 def load_demos(cfg: DictConfig, ccfg: CompassConfig) -> dict[str, dict[str, np.ndarray]]:
-    """Collect (or reuse) ``demos_per_embodiment`` demos per embodiment -> {name: {"state", "action"}}."""
+    """Collect (or reuse) each embodiment's demos (``demos``, else ``demos_per_embodiment``)
+    -> {name: {"state", "action"}}."""
     out = {}
     for emb in ccfg.embodiments:
-        path = demo_path(cfg, emb)
+        path, (std, prob) = demo_path(cfg, emb), emb.demo_noise(cfg.demos)
+        n = emb.demos or ccfg.demos_per_embodiment
         summary = make_runner(cfg, emb).collect_demos(
-            path, ccfg.demos_per_embodiment, seed_start=int(cfg.demos.seed_start),
-            num_workers=int(cfg.demos.num_workers), noise_std=cfg.demos.noise_std if emb.expert == "scripted"
-            else 0.0, noise_prob=cfg.demos.noise_prob if emb.expert == "scripted" else 0.0)
+            path, n, seed_start=int(cfg.demos.seed_start), num_workers=int(cfg.demos.num_workers),
+            noise_std=std, noise_prob=prob)
         store = EpisodeStore(path, mode="r")
-        ends = store.episode_ends[: ccfg.demos_per_embodiment]
+        ends = store.episode_ends[:n]
         if int(store.episode_meta("seed")[: len(ends)].max()) >= int(cfg.eval.seed_start):
             raise ValueError(f"{emb.name} demo seeds reach eval.seed_start")
         out[emb.name] = {k: v[: ends[-1]] for k, v in store.load(["state", "action"]).items()}

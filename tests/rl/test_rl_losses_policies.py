@@ -76,6 +76,20 @@ def test_lambda_zero_gives_exactly_the_ppo_loss():
     assert torch.allclose(loss1, ppo + 0.5 * terms1["distill_loss"])
 
 
+def test_critic_warmup_loss_is_the_value_loss_alone():
+    cfg = RPDConfig(ent_coef=0.01, clip_range_vf=0.3, vf_coef=0.7)
+    b = _batch()
+    loss, terms = rpd_loss(**b, cfg=cfg, lam=0.5, value_only=True)
+    value = 0.5 * (b["values"] - b["returns"]).square()  # closed form of the clipped value loss
+    clipped = b["old_values"] + (b["values"] - b["old_values"]).clamp(-0.3, 0.3)
+    value = torch.maximum(value, 0.5 * (clipped - b["returns"]).square()).mean()
+    assert torch.allclose(loss, 0.7 * value)
+    assert "distill_loss" not in terms  # the teacher waits too
+    grads = torch.autograd.grad(loss, [b["log_prob"], b["mean"], b["log_std"], b["values"]],
+                                allow_unused=True)
+    assert grads[0] is None and grads[1] is None and grads[2] is None and grads[3].abs().sum() > 0
+
+
 def test_cosine_schedule_anneals_to_zero():
     cfg = RPDConfig(total_steps=1000, distill_coef=2.0, distill_schedule="cosine")
     assert distill_coef_at(0, cfg) == pytest.approx(2.0)
@@ -92,6 +106,8 @@ def test_config_range_checks():
         RPDConfig(n_steps=100, batch_size=200)
     with pytest.raises(ValueError, match="unknown field"):
         RPDConfig.from_cfg({"lamda": 1.0})
+    with pytest.raises(ValueError, match="critic_warmup_steps"):
+        RPDConfig(critic_warmup_steps=-1)
     with pytest.raises(ValueError, match="net_obs_horizon"):
         RLPolicyConfig(obs_dim=3, action_dim=2, obs_horizon=1, net_obs_horizon=2)
     with pytest.raises(ValueError, match="base_policy"):

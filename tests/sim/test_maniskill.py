@@ -162,3 +162,35 @@ def test_sparse_reward_is_the_success_indicator_and_bad_modes_are_refused():
     assert np.all((dense >= 0) & (dense <= 1)) and len(np.unique(dense)) > 10  # shaped, not 0/1
     with pytest.raises(ValueError, match="reward_mode"):
         ManiSkillEnvConfig(reward_mode="shaped")
+
+
+def test_planner_recorder_noises_the_approach_only_and_records_clean_labels():
+    """DART for motion-planner demos: the controller receives the perturbed joint targets while the
+    gripper command is unchanged, the clean ones afterwards; the store always gets the clean action."""
+    from embodied_distill.sim.maniskill import _RecordSteps
+
+    env = make_single_env(ManiSkillEnvConfig(env_id="PickCube-v1", control_mode="pd_joint_pos",
+                                             robot_uids="so100", max_episode_steps=50))
+    try:
+        rec = _RecordSteps(env, noise_std=0.05, noise_prob=1.0, seed=3)
+        obs, _ = rec.reset(seed=3)
+        controller = env.unwrapped.agent.controller
+        hold = np.asarray(obs[:6], np.float32)  # so100: 5 arm joints + gripper, absolute targets
+        gaps = []
+        for _ in range(5):
+            rec.step(hold)
+            target = np.asarray(controller._target_qpos).reshape(-1)
+            gaps.append(np.abs(target[:5] - hold[:5]))
+            assert target[5] == pytest.approx(hold[5], abs=1e-6)  # the gripper is never perturbed
+        gaps = np.stack(gaps)
+        assert gaps.min() > 0 and 0.01 < gaps.mean() < 0.1, gaps  # |N(0, 0.05)| has mean 0.04
+        closed = hold.copy()
+        closed[5] -= 0.5  # the gripper command changes: the approach is over
+        for a in (closed, hold):  # ... for good, even if the command returns
+            rec.step(a)
+            np.testing.assert_allclose(np.asarray(controller._target_qpos).reshape(-1), a, atol=1e-6)
+        assert not rec.approach
+        np.testing.assert_array_equal(np.stack(rec.actions), np.stack([hold] * 5 + [closed, hold]))
+        assert len(rec.states) == 7
+    finally:
+        env.close()
