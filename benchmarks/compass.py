@@ -1,12 +1,13 @@
 """COMPASS on PickCube across embodiments: IL base vs residual-RL specialists vs the distilled generalist.
 
     python benchmarks/compass.py [--quick] [--stage all|base|specialists|generalist|evaluate]
-                                 [--only NAME ...] [--out DIR]
+                                 [--only NAME ...] [--out DIR] [--demos ROBOT=N ...] [--name NAME]
 
 Runs ``embodied_distill/distill/compass.py`` (the ``configs/distill/compass.yaml`` embodiments: panda with
 pd_ee_delta_pose and its scripted expert, so100 with pd_joint_pos and ManiSkill's motion planner) with
-the budgets below, in ``outputs/benchmarks/compass[_quick]``. Every stage resumes from what is already
-there, so on a shared CPU run it in pieces (``--stage base``, ``--stage specialists --only panda``, ...,
+the budgets below, in ``outputs/benchmarks/<name>`` (default ``compass[_quick]``). ``--demos panda=15``
+replaces a robot's demo count (a weaker IL base leaves room for the 2x target). Every stage resumes from
+what is already there, so on a shared CPU run it in pieces (``--stage base``, ``--stage specialists --only panda``, ...,
 ``--stage evaluate``), each under the heavy-job lock; the wall time of every piece is accumulated in
 ``stage_times.json``. Success (ManiSkill's success flag at the last step of a full episode) of the IL
 base, each specialist and the generalist is measured on the same ``episodes`` unseen seeds (100000+)
@@ -27,8 +28,9 @@ from _common import REPO_ROOT, write_results  # noqa: E402
 
 FULL = {
     "demos": 100,
-    "base_steps": 5000,
+    "base_steps": 15000,
     "specialist_steps": 30_000,
+    "critic_warmup_steps": 5000,
     "data_episodes": 50,
     "dagger_rounds": 1,
     "dagger_episodes": 20,
@@ -42,6 +44,7 @@ QUICK = {
     "demos": 20,
     "base_steps": 1000,
     "specialist_steps": 2000,
+    "critic_warmup_steps": 500,
     "data_episodes": 5,
     "dagger_rounds": 1,
     "dagger_episodes": 2,
@@ -69,6 +72,7 @@ def compose(preset: dict, stages: list[str], only: list[str], run_dir: Path):
         f"distill.base_steps={preset['base_steps']}",
         f"distill.specialist.total_steps={preset['specialist_steps']}",
         f"distill.specialist.eval_every={preset['specialist_steps']}",
+        f"distill.specialist.critic_warmup_steps={preset['critic_warmup_steps']}",
         f"distill.data_episodes={preset['data_episodes']}",
         f"distill.dagger_rounds={preset['dagger_rounds']}",
         f"distill.dagger_episodes={preset['dagger_episodes']}",
@@ -82,7 +86,7 @@ def compose(preset: dict, stages: list[str], only: list[str], run_dir: Path):
         return hydra_compose(config_name="train", overrides=overrides), overrides
 
 
-def table(report: dict, times: dict, preset: dict, quick: bool) -> str:
+def table(report: dict, times: dict, preset: dict, name: str, default_noise: tuple[float, float]) -> str:
     rows = report["per_embodiment"]
     emb = {e["name"]: e for e in report["embodiments"]}
 
@@ -90,19 +94,20 @@ def table(report: dict, times: dict, preset: dict, quick: bool) -> str:
         return f"{r[who]['success_rate']:.2f}" if who in r else "—"
 
     lines = [
-        f"## compass{'_quick' if quick else ''}",
+        f"## {name}",
         "",
         f"PickCube-v1 (state obs, CPU), success at the end of a full episode on {preset['episodes']} unseen "
-        f"seeds per embodiment. IL base: one embodiment-conditioned MLP, BC on {preset['demos']} demos per "
-        f"robot ({preset['base_steps']} steps). Specialists: residual PPO on the frozen base, "
-        f"{preset['specialist_steps']} env steps each (1 CPU env). Generalist "
+        f"seeds per embodiment. IL base: one embodiment-conditioned MLP, BC on the demos listed per robot "
+        f"({preset['base_steps']} steps). Specialists: residual PPO on the frozen base, "
+        f"{preset['specialist_steps']} env steps each (1 CPU env, the first "
+        f"{preset.get('critic_warmup_steps', 0)} of them value-only: critic warm-up). Generalist "
         f"({'initialised from the IL base' if preset['generalist_from_base'] else 'from scratch'}): "
         "KL(specialist || generalist) "
         f"on {preset['data_episodes']} specialist episodes per robot + {preset['dagger_rounds']} DAgger "
         f"round(s) of {preset['dagger_episodes']} generalist episodes, {preset['epochs']} epochs per fit.",
         "",
-        "| embodiment | control | demos from | episode limit | IL base | specialist | generalist "
-        "| generalist / specialist |",
+        "| embodiment | control | demos (expert, DART noise std x prob) | episode limit | IL base "
+        "| specialist | generalist | generalist / specialist |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
@@ -112,8 +117,12 @@ def table(report: dict, times: dict, preset: dict, quick: bool) -> str:
             else "—"
         )
         e = emb[name]
+        n_demos = e.get("demos") or preset["demos"]
+        std = default_noise[0] if e.get("demo_noise_std") is None else e["demo_noise_std"]
+        prob = default_noise[1] if e.get("demo_noise_prob") is None else e["demo_noise_prob"]
         lines.append(
-            f"| {name} | {e['control_mode']} | {e['expert']} | {e['max_episode_steps']} | "
+            f"| {name} | {e['control_mode']} | {n_demos} ({e['expert']}, {std} x {prob}) | "
+            f"{e['max_episode_steps']} | "
             f"{cell(r, 'base')} | {cell(r, 'specialist')} | {cell(r, 'generalist')} | {ratio} |"
         )
     m = report.get("mean_success", {})
@@ -140,6 +149,9 @@ def main() -> None:
     ap.add_argument("--stage", default="all", choices=("all", *STAGES))
     ap.add_argument("--only", nargs="*", default=[], help="specialists stage: only these embodiments")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--demos", nargs="*", default=[], metavar="ROBOT=N",
+                    help="demo count per robot instead of the config's (e.g. panda=15: a weaker IL base)")
+    ap.add_argument("--name", default=None, help="results and run-dir name (default compass[_quick])")
     args = ap.parse_args()
 
     import torch
@@ -150,9 +162,17 @@ def main() -> None:
 
     quiet()
     preset = QUICK if args.quick else FULL
-    run_dir = REPO_ROOT / "outputs" / "benchmarks" / ("compass_quick" if args.quick else "compass")
+    name = args.name or ("compass_quick" if args.quick else "compass")
+    run_dir = REPO_ROOT / "outputs" / "benchmarks" / name
     stages = list(STAGES) if args.stage == "all" else [args.stage]
     cfg, overrides = compose(preset, stages, args.only, run_dir)
+    demos = dict(item.split("=", 1) for item in args.demos)
+    for emb in cfg.distill.embodiments:  # per-robot demo counts (the base stage reads them)
+        if emb.name in demos:
+            emb.demos = int(demos.pop(emb.name))
+    if demos:
+        ap.error(f"--demos names unknown robots {sorted(demos)}")
+    overrides += [f"--demos {item}" for item in args.demos]
     run_dir.mkdir(parents=True, exist_ok=True)
     times_path = run_dir / "stage_times.json"
     times = json.loads(times_path.read_text()) if times_path.exists() else {}
@@ -166,7 +186,7 @@ def main() -> None:
         print(f"[bench] stage {key} done in {time.perf_counter() - t0:.0f} s")
         return
     report = json.loads((run_dir / "report.json").read_text())
-    md = table(report, times, preset, args.quick)
+    md = table(report, times, preset, name, (float(cfg.demos.noise_std), float(cfg.demos.noise_prob)))
     print(md)
     payload = {
         "preset": preset,
@@ -182,7 +202,6 @@ def main() -> None:
         },
         **{k: report.get(k) for k in ("per_embodiment", "mean_success", "targets", "missing", "embodiments")},
     }
-    name = "compass_quick" if args.quick else "compass"
     earlier = run_dir / "earlier_runs.json"  # results of earlier settings, kept beside the latest
     if earlier.exists():
         payload["earlier_runs"] = json.loads(earlier.read_text())
