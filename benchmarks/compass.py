@@ -11,8 +11,8 @@ what is already there, so on a shared CPU run it in pieces (``--stage base``, ``
 --only panda``, ..., ``--stage evaluate``), each under the heavy-job lock; the wall time of every piece is
 accumulated in ``stage_times.json``. Success (ManiSkill's success flag at the last step of a full
 episode) of the IL base, each specialist and the generalist is measured on the same ``episodes`` unseen
-seeds (100000+) per embodiment. Targets (issue 8): generalist >= 90% of each specialist on its own robot, and >= 2x
-the IL base's mean success.
+seeds (100000+) per embodiment. Targets (issue 8): generalist >= 90% of each specialist on its own
+robot, and >= 2x the IL base's mean success.
 """
 
 from __future__ import annotations
