@@ -167,9 +167,12 @@ def main() -> None:
     stages = list(STAGES) if args.stage == "all" else [args.stage]
     cfg, overrides = compose(preset, stages, args.only, run_dir)
     demos = dict(item.split("=", 1) for item in args.demos)
-    for emb in cfg.distill.embodiments:  # per-robot demo counts (the base stage reads them)
-        if emb.name in demos:
-            emb.demos = int(demos.pop(emb.name))
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        for emb in cfg.distill.embodiments:  # per-robot demo counts (the base stage reads them)
+            if emb.name in demos:
+                emb.demos = int(demos.pop(emb.name))
     if demos:
         ap.error(f"--demos names unknown robots {sorted(demos)}")
     overrides += [f"--demos {item}" for item in args.demos]

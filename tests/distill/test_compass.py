@@ -25,6 +25,7 @@ from embodied_distill.distill.compass import (
     BalancedData,
     CompassConfig,
     Embodiment,
+    demo_path,
     fit_generalist,
     generalist_loss,
     specialist_gaussian,
@@ -150,6 +151,20 @@ def test_config_rejects_bad_input():
         CompassConfig.from_cfg({"embodiments": [{"name": "a", "robot_uids": "panda"}], "epoch": 3})
     with pytest.raises(ValueError, match="total_steps"):
         CompassConfig(embodiments=[{"name": "a", "robot_uids": "panda"}], specialist={"total_steps": 0})
+    with pytest.raises(ValueError, match="demos must be >= 1"):
+        Embodiment(name="a", robot_uids="panda", demos=0)
+    with pytest.raises(ValueError, match="demo_noise"):
+        Embodiment(name="a", robot_uids="panda", demo_noise_prob=1.5)
+
+
+def test_demo_settings_per_embodiment_fall_back_to_the_demos_group():
+    demos = OmegaConf.create({"noise_std": 0.3, "noise_prob": 0.3})
+    assert Embodiment(name="a", robot_uids="panda").demo_noise(demos) == (0.3, 0.3)
+    own = Embodiment(name="b", robot_uids="so100", control_mode="pd_joint_pos", expert="motionplanner",
+                     demo_noise_std=0.05, demo_noise_prob=0.5)
+    assert own.demo_noise(demos) == (0.05, 0.5)
+    cfg = OmegaConf.create({"task": {"name": "pickcube"}, "demos": {"dir": "/d", **demos}})
+    assert demo_path(cfg, own).name == "pickcube_so100_pd_joint_pos_motionplanner_noise0.05x0.5.zarr"
 
 
 def _kl_by_hand(mt, st, ms, ss):
@@ -334,6 +349,7 @@ def test_cli_compass_tiny_budget_runs_all_stages(tmp_path):
         f"hydra.run.dir={run}",
         f"demos.dir={tmp_path / 'demos'}",
         "distill.demos_per_embodiment=2",
+        "distill.embodiments.1.demos=2",  # so100 sets its own count (200)
         "distill.base_steps=20",
         "distill.specialist.total_steps=250",
         "distill.specialist.n_steps=250",
