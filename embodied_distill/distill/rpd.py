@@ -86,9 +86,9 @@ class RPDConfig:
     normalize_advantage: bool = True
     """Standardise advantages per minibatch."""
     critic_warmup_steps: int = 0
-    """Env steps at the start during which only the value function is trained (the actor, its std and
-    the distillation term wait): a residual or teacher-guided actor is not pushed around by advantages
-    from a random critic."""
+    """Env steps at the start without the policy-gradient and entropy terms: the value function trains
+    (and the distillation term, which needs no critic, pulls the student toward the teacher) before
+    advantages from a still-random critic can push a residual or teacher-guided actor around."""
     distill_loss: str = "mse"
     """L_distill: mse | l1 | bc_nll | gaussian_kl."""
     distill_coef: float = 1.0
@@ -175,10 +175,10 @@ def distill_term(kind: str, mean: Tensor, log_std: Tensor, teacher_mean: Tensor,
 def rpd_loss(*, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, values: Tensor,
              old_values: Tensor, returns: Tensor, entropy: Tensor, mean: Tensor, log_std: Tensor,
              teacher_mean: Tensor | None, teacher_log_std: Tensor | None, cfg: RPDConfig,
-             lam: float, value_only: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+             lam: float, critic_warmup: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO + lambda * L_distill on one minibatch. Per-sample tensors are (B,); ``mean``/``teacher_mean``
-    (B, Da). With ``lam == 0`` (or no teacher) the result is exactly the PPO loss; with ``value_only``
-    (critic warm-up) it is ``vf_coef * value loss`` alone.
+    (B, Da). With ``lam == 0`` (or no teacher) the result is exactly the PPO loss; with ``critic_warmup``
+    the policy-gradient and entropy terms are left out (``vf_coef * value loss + lambda * L_distill``).
 
     Returns ``(loss, terms)`` with detached terms: pg, value, entropy, distill, approx_kl, clip_fraction.
     """
@@ -187,10 +187,10 @@ def rpd_loss(*, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, valu
     pg = ppo_clip_loss(log_prob, old_log_prob, adv, clip=cfg.clip_range)
     v_loss = clipped_value_loss(values, old_values, returns, clip=cfg.clip_range_vf)
     ent = entropy_bonus(entropy, coef=cfg.ent_coef)
-    loss = cfg.vf_coef * v_loss if value_only else pg + cfg.vf_coef * v_loss + ent
+    loss = cfg.vf_coef * v_loss if critic_warmup else pg + cfg.vf_coef * v_loss + ent
     terms = {"pg_loss": pg.detach(), "value_loss": v_loss.detach(), "entropy": entropy.mean().detach(),
              **ppo_stats(log_prob, old_log_prob, clip=cfg.clip_range)}
-    if lam > 0 and teacher_mean is not None and not value_only:
+    if lam > 0 and teacher_mean is not None:
         d = distill_term(cfg.distill_loss, mean, log_std, teacher_mean, teacher_log_std)
         loss = loss + lam * d
         terms["distill_loss"] = d.detach()
@@ -264,8 +264,7 @@ def make_learner_class():
             self.policy.set_training_mode(True)
             self._update_learning_rate(self.policy.optimizer)
             warmup = self.num_timesteps <= self.rpd.critic_warmup_steps
-            lam = distill_coef_at(self.num_timesteps, self.rpd) if self.teacher is not None and not warmup \
-                else 0.0
+            lam = distill_coef_at(self.num_timesteps, self.rpd) if self.teacher is not None else 0.0
             low, high = float(self.action_space.low.min()), float(self.action_space.high.max())
             logs: dict[str, list[float]] = defaultdict(list)
             stop = False
@@ -281,7 +280,7 @@ def make_learner_class():
                         log_prob=dist.log_prob(b.actions), old_log_prob=b.old_log_prob,
                         advantages=b.advantages, values=values, old_values=b.old_values, returns=b.returns,
                         entropy=dist.entropy(), mean=mean, log_std=log_std, teacher_mean=t_mean,
-                        teacher_log_std=t_log_std, cfg=self.rpd, lam=lam, value_only=warmup)
+                        teacher_log_std=t_log_std, cfg=self.rpd, lam=lam, critic_warmup=warmup)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite RPD loss at env step {self.num_timesteps}")
                     if self.target_kl is not None and float(terms["approx_kl"]) > 1.5 * self.target_kl:

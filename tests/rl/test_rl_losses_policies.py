@@ -76,18 +76,22 @@ def test_lambda_zero_gives_exactly_the_ppo_loss():
     assert torch.allclose(loss1, ppo + 0.5 * terms1["distill_loss"])
 
 
-def test_critic_warmup_loss_is_the_value_loss_alone():
+def test_critic_warmup_loss_is_value_plus_distillation_without_the_policy_gradient():
     cfg = RPDConfig(ent_coef=0.01, clip_range_vf=0.3, vf_coef=0.7)
     b = _batch()
-    loss, terms = rpd_loss(**b, cfg=cfg, lam=0.5, value_only=True)
     value = 0.5 * (b["values"] - b["returns"]).square()  # closed form of the clipped value loss
     clipped = b["old_values"] + (b["values"] - b["old_values"]).clamp(-0.3, 0.3)
     value = torch.maximum(value, 0.5 * (clipped - b["returns"]).square()).mean()
-    assert torch.allclose(loss, 0.7 * value)
-    assert "distill_loss" not in terms  # the teacher waits too
-    grads = torch.autograd.grad(loss, [b["log_prob"], b["mean"], b["log_std"], b["values"]],
+    mse = (b["mean"] - b["teacher_mean"]).square().mean()
+    loss0, _ = rpd_loss(**b, cfg=cfg, lam=0.0, critic_warmup=True)
+    assert torch.allclose(loss0, 0.7 * value)
+    loss, terms = rpd_loss(**b, cfg=cfg, lam=0.5, critic_warmup=True)
+    assert torch.allclose(loss, 0.7 * value + 0.5 * mse)
+    assert torch.allclose(terms["distill_loss"], mse)
+    grads = torch.autograd.grad(loss, [b["log_prob"], b["log_std"], b["entropy"], b["values"], b["mean"]],
                                 allow_unused=True)
-    assert grads[0] is None and grads[1] is None and grads[2] is None and grads[3].abs().sum() > 0
+    assert grads[0] is None and grads[1] is None and grads[2] is None  # no policy gradient, no entropy
+    assert grads[3].abs().sum() > 0 and grads[4].abs().sum() > 0
 
 
 def test_cosine_schedule_anneals_to_zero():
