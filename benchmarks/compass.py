@@ -55,7 +55,7 @@ QUICK = {
 STAGES = ("base", "specialists", "generalist", "evaluate")
 
 
-def compose(preset: dict, stages: list[str], only: list[str], run_dir: Path):
+def compose(preset: dict, stages: list[str], only: list[str], run_dir: Path, seed: int = 0):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
@@ -64,6 +64,7 @@ def compose(preset: dict, stages: list[str], only: list[str], run_dir: Path):
         "distill=compass",
         f"hydra.run.dir={run_dir}",
         "device=cpu",
+        f"seed={seed}",
         "torch_threads=1",
         f"demos.dir={REPO_ROOT / 'data' / 'demos'}",
         f"distill.stages=[{','.join(stages)}]",
@@ -152,6 +153,8 @@ def main() -> None:
     ap.add_argument("--demos", nargs="*", default=[], metavar="ROBOT=N",
                     help="demo count per robot instead of the config's (e.g. panda=15: a weaker IL base)")
     ap.add_argument("--name", default=None, help="results and run-dir name (default compass[_quick])")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (base, specialists, generalist); the "
+                    "evaluation seeds stay fixed")
     args = ap.parse_args()
 
     import torch
@@ -165,7 +168,7 @@ def main() -> None:
     name = args.name or ("compass_quick" if args.quick else "compass")
     run_dir = REPO_ROOT / "outputs" / "benchmarks" / name
     stages = list(STAGES) if args.stage == "all" else [args.stage]
-    cfg, overrides = compose(preset, stages, args.only, run_dir)
+    cfg, overrides = compose(preset, stages, args.only, run_dir, args.seed)
     demos = dict(item.split("=", 1) for item in args.demos)
     from omegaconf import open_dict
 
