@@ -87,7 +87,9 @@ def compose(preset: dict, stages: list[str], only: list[str], run_dir: Path, see
         return hydra_compose(config_name="train", overrides=overrides), overrides
 
 
-def table(report: dict, times: dict, preset: dict, name: str, default_noise: tuple[float, float]) -> str:
+def table(report: dict, times: dict, preset: dict, name: str, demos_cfg) -> str:
+    from embodied_distill.distill.compass import Embodiment
+
     rows = report["per_embodiment"]
     emb = {e["name"]: e for e in report["embodiments"]}
 
@@ -118,9 +120,8 @@ def table(report: dict, times: dict, preset: dict, name: str, default_noise: tup
             else "—"
         )
         e = emb[name]
-        n_demos = e.get("demos") or preset["demos"]
-        std = default_noise[0] if e.get("demo_noise_std") is None else e["demo_noise_std"]
-        prob = default_noise[1] if e.get("demo_noise_prob") is None else e["demo_noise_prob"]
+        robot = Embodiment(**e)  # the same fallbacks the base stage used
+        n_demos, (std, prob) = robot.demo_count(preset["demos"]), robot.demo_noise(demos_cfg)
         lines.append(
             f"| {name} | {e['control_mode']} | {n_demos} ({e['expert']}, {std} x {prob}) | "
             f"{e['max_episode_steps']} | "
@@ -192,7 +193,7 @@ def main() -> None:
         print(f"[bench] stage {key} done in {time.perf_counter() - t0:.0f} s")
         return
     report = json.loads((run_dir / "report.json").read_text())
-    md = table(report, times, preset, name, (float(cfg.demos.noise_std), float(cfg.demos.noise_prob)))
+    md = table(report, times, preset, name, cfg.demos)
     print(md)
     payload = {
         "preset": preset,

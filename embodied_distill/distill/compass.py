@@ -71,9 +71,10 @@ class Embodiment:
     """Successful demos of this robot for the IL base (None: ``distill.demos_per_embodiment``)."""
     demo_noise_std: float | None = None
     """DART noise on the expert's executed actions (env units of this robot's controller; recorded labels
-    stay clean). None: ``demos.noise_std``."""
+    stay clean). None: ``demos.noise_std`` for a scripted expert (the units that group is written in),
+    0 for the motion planner."""
     demo_noise_prob: float | None = None
-    """Probability that a demo step's executed action is perturbed. None: ``demos.noise_prob``."""
+    """Probability that a demo step's executed action is perturbed. None: as ``demo_noise_std``."""
     action_relative_to_state: bool = False
     """The policy predicts the action as an offset from the first Da state features (the joint positions):
     for absolute joint-position control, where BC on the absolute targets is too coarse to grasp."""
@@ -92,10 +93,17 @@ class Embodiment:
                              "in [0, 1]")
 
     def demo_noise(self, demos: DictConfig) -> tuple[float, float]:
-        """(std, prob) of this robot's demo noise: its own fields, else the ``demos`` group's."""
-        std = demos.noise_std if self.demo_noise_std is None else self.demo_noise_std
-        prob = demos.noise_prob if self.demo_noise_prob is None else self.demo_noise_prob
+        """(std, prob) of this robot's demo noise: its own fields, else the ``demos`` group's for a scripted
+        expert (pd_ee_delta_pose units) and none for the motion planner (joint targets in radians)."""
+        default = (demos.noise_std, demos.noise_prob) if self.expert == "scripted" else (0.0, 0.0)
+        std = default[0] if self.demo_noise_std is None else self.demo_noise_std
+        prob = default[1] if self.demo_noise_prob is None else self.demo_noise_prob
         return float(std), float(prob)
+
+    def demo_count(self, default: int) -> int:
+        """Demos of this robot for the IL base: its own ``demos``, else ``default``
+        (``distill.demos_per_embodiment``)."""
+        return self.demos or default
 
 
 @dataclasses.dataclass
@@ -256,7 +264,7 @@ def load_demos(cfg: DictConfig, ccfg: CompassConfig) -> dict[str, dict[str, np.n
     out = {}
     for emb in ccfg.embodiments:
         path, (std, prob) = demo_path(cfg, emb), emb.demo_noise(cfg.demos)
-        n = emb.demos or ccfg.demos_per_embodiment
+        n = emb.demo_count(ccfg.demos_per_embodiment)
         summary = make_runner(cfg, emb).collect_demos(
             path, n, seed_start=int(cfg.demos.seed_start), num_workers=int(cfg.demos.num_workers),
             noise_std=std, noise_prob=prob)

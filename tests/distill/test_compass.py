@@ -163,6 +163,10 @@ def test_demo_settings_per_embodiment_fall_back_to_the_demos_group():
     own = Embodiment(name="b", robot_uids="so100", control_mode="pd_joint_pos", expert="motionplanner",
                      demo_noise_std=0.05, demo_noise_prob=0.5)
     assert own.demo_noise(demos) == (0.05, 0.5)
+    planner = Embodiment(name="c", robot_uids="so100", control_mode="pd_joint_pos", expert="motionplanner")
+    assert planner.demo_noise(demos) == (0.0, 0.0)  # demos.noise_* is in scripted-expert units
+    assert planner.demo_count(100) == 100
+    assert Embodiment(name="d", robot_uids="panda", demos=15).demo_count(100) == 15
     cfg = OmegaConf.create({"task": {"name": "pickcube"}, "demos": {"dir": "/d", **demos}})
     assert demo_path(cfg, own).name == "pickcube_so100_pd_joint_pos_motionplanner_noise0.05x0.5.zarr"
 
