@@ -41,7 +41,8 @@ TARGET = 0.8
 # teacher_demos per task: few enough that MLP BC stays imperfect (0.3-0.6 on unseen seeds, as the issue asks):
 # 50 PickCube demos give 0.34, 10 PushCube demos 0.40 (50 give 0.88)
 FULL = {"steps": 100_000, "eval_every": 5000, "eval_episodes": 20, "final_episodes": 50,
-        "teacher_demos": {"pickcube": 50, "pushcube": 10}, "teacher_steps": 2000,
+        "teacher_demos": {"pickcube": 50, "pushcube": 10},
+        "teacher_steps": {"pickcube": 2000, "pushcube": 2000},
         "reward_mode": "normalized_dense"}
 QUICK = {**FULL, "steps": 10_000, "eval_every": 2500, "eval_episodes": 10, "final_episodes": 20}
 
@@ -64,10 +65,12 @@ def teacher(task: str, work: Path, given: str | None, budget: dict) -> tuple[Pat
         ckpt = Path(given)
         rep = ckpt.parent / "report.json"
         return ckpt, json.loads(rep.read_text()) if rep.exists() else {}
-    run = work / "teachers" / f"{task}_{budget['teacher_demos'][task]}demos"
+    steps = budget["teacher_steps"][task]
+    tag = "" if steps == 2000 else f"_{steps}steps"  # 2000: the name the first teachers were saved under
+    run = work / "teachers" / f"{task}_{budget['teacher_demos'][task]}demos{tag}"
     if not (run / "report.json").exists():
         _run([sys.executable, "-m", "embodied_distill.train", f"task={task}", "student=mlp",
-              f"demos.n_episodes={budget['teacher_demos'][task]}", f"distill.steps={budget['teacher_steps']}",
+              f"demos.n_episodes={budget['teacher_demos'][task]}", f"distill.steps={steps}",
               "torch_threads=1", "device=cpu", "eval.episodes=50", "eval.video_episodes=0",
               f"hydra.run.dir={run}"], run.with_suffix(".log"))
     return run / "checkpoint", json.loads((run / "report.json").read_text())
@@ -93,6 +96,18 @@ def method_steps(budget: dict, method: str) -> int:
     return int(budget.get("ppo_steps") or budget["steps"]) if method == "ppo" else int(budget["steps"])
 
 
+def check_teacher(run: Path, ckpt: Path) -> None:
+    """A finished run is reused only if it was trained with this teacher (a changed teacher preset would
+    otherwise silently mix runs of two teachers in one table)."""
+    from omegaconf import OmegaConf
+
+    hydra_cfg = run / ".hydra" / "config.yaml"
+    used = OmegaConf.load(hydra_cfg).get("teacher", {}).get("path") if hydra_cfg.exists() else None
+    if used is not None and Path(used).resolve() != ckpt.resolve():
+        raise SystemExit(f"{run} was trained with the teacher {used}, not {ckpt}: delete the run or choose "
+                         "another --name")
+
+
 def train_run(task: str, method: str, seed: int, ckpt: Path, work: Path, budget: dict) -> dict:
     run = run_dir(work, task, method, seed, budget)
     steps = method_steps(budget, method)
@@ -113,6 +128,8 @@ def train_run(task: str, method: str, seed: int, ckpt: Path, work: Path, budget:
               f"distill.eval_episodes={budget['eval_episodes']}", f"eval.episodes={budget['final_episodes']}",
               "eval.num_envs=1", "eval.video_episodes=0", "torch_threads=1", "device=cpu",
               f"resume={str(cont).lower()}", f"hydra.run.dir={run}"], run.with_suffix(".log"))
+    if method != "ppo":
+        check_teacher(run, ckpt)
     rep = json.loads((run / "report.json").read_text())
     curve = rep["curve"]
     if cont:  # states saved before the curve travelled with them: take the first part from the base run
@@ -278,7 +295,8 @@ def main() -> None:
         plot(runs, teachers, out / f"{name}.png")
     wall = time.perf_counter() - t0
     train_min = sum(r["train_wall_s"] for r in runs) / 60
-    demos = ", ".join(f"{budget['teacher_demos'][t]} {t}" for t in tasks)
+    demos = ", ".join(f"{budget['teacher_demos'][t]} {t} demos ({budget['teacher_steps'][t]} steps)"
+                      for t in tasks)
     ppo_note = f" (PPO: {budget['ppo_steps']}, continuing its {budget['steps']}-step runs)" \
         if budget.get("ppo_steps") else ""
     head = (f"## {name}{' (PARTIAL: missing ' + ', '.join(missing) + ')' if missing else ''}\n\n"
@@ -286,7 +304,7 @@ def main() -> None:
             "(1 CPU env, PPO rollouts of 500 steps, 10 epochs, minibatch 50, gamma 0.8: "
             f"configs/distill/rpd.yaml; RPD overrides: {' '.join(budget['rpd_overrides']) or 'none'}), "
             f"curve every {budget['eval_every']} steps on {budget['eval_episodes']} held-out seeds, final "
-            f"success on {budget['final_episodes']} unseen seeds. Teacher: MLP BC on {demos} demos. "
+            f"success on {budget['final_episodes']} unseen seeds. Teacher: MLP BC on {demos}. "
             f"Wall time: this invocation {wall / 60:.1f} min ({args.jobs} runs at a time), the runs' "
             f"training {train_min:.1f} min (plus evaluation).\n\n")
     if args.note:

@@ -88,7 +88,8 @@ class RPDConfig:
     critic_warmup_steps: int = 0
     """Env steps at the start without the policy-gradient and entropy terms: the value function trains
     (and the distillation term, which needs no critic, pulls the student toward the teacher) before
-    advantages from a still-random critic can push a residual or teacher-guided actor around."""
+    advantages from a still-random critic can push a residual or teacher-guided actor around. The
+    ``target_kl`` early stop, which bounds policy-gradient steps, does not cut warm-up updates short."""
     distill_loss: str = "mse"
     """L_distill: mse | l1 | bc_nll | gaussian_kl."""
     distill_coef: float = 1.0
@@ -99,6 +100,12 @@ class RPDConfig:
     """Teacher samples per state for gaussian_kl (a stochastic teacher gives a spread; >= 1)."""
     teacher_min_std: float = 0.05
     """Floor on the teacher's std for gaussian_kl (a deterministic teacher has std = this floor)."""
+    distill_buffer_size: int = 0
+    """States the student visited in earlier rollouts, kept with their teacher labels (a FIFO over the
+    most recent ones; 0: none, RPD's original update, where L_distill sees the current rollout only)."""
+    distill_replay_batch: int = 0
+    """States drawn from that buffer per minibatch and added to the minibatch's L_distill (DAgger-style
+    aggregation: the imitation keeps seeing every phase of the task, not only the last 500 steps)."""
     hidden_dims: tuple[int, ...] = (256, 256)
     """Actor and critic hidden widths (same network for PPO, RPD and the residual head)."""
     activation: str = "tanh"
@@ -139,6 +146,11 @@ class RPDConfig:
             raise ValueError("eval_every and eval_episodes must be >= 1")
         if self.critic_warmup_steps < 0:
             raise ValueError("critic_warmup_steps must be >= 0")
+        if self.distill_buffer_size < 0 or self.distill_replay_batch < 0:
+            raise ValueError("distill_buffer_size and distill_replay_batch must be >= 0")
+        if (self.distill_buffer_size > 0) != (self.distill_replay_batch > 0):
+            raise ValueError("distill_buffer_size and distill_replay_batch are set together (both > 0) "
+                             "or not at all (both 0)")
 
     @classmethod
     def from_cfg(cls, dcfg: DictConfig | dict) -> RPDConfig:
@@ -245,6 +257,42 @@ def query_teacher(teacher, obs: Tensor, obs_dim: int, history: int, horizon: int
     return stack.mean(0), std.clamp_min(min_std).log()
 
 
+class DistillReplay:
+    """A FIFO of visited flat states ``(N, F)`` with the teacher's labels (mean and log-std ``(N, Da)``),
+    queried once when the states enter (the teacher is not re-queried when they are replayed)."""
+
+    def __init__(self, capacity: int, flat_dim: int, action_dim: int):
+        self.obs = torch.zeros(capacity, flat_dim)
+        self.mean = torch.zeros(capacity, action_dim)
+        self.log_std = torch.zeros(capacity, action_dim)
+        self.capacity, self.size, self.pos = capacity, 0, 0
+
+    def add(self, obs: Tensor, mean: Tensor, log_std: Tensor) -> None:
+        """Append ``obs`` (N, F) with labels (N, Da), overwriting the oldest entries when full."""
+        obs, mean, log_std = obs[-self.capacity:], mean[-self.capacity:], log_std[-self.capacity:]
+        idx = (self.pos + torch.arange(obs.shape[0])) % self.capacity
+        self.obs[idx], self.mean[idx], self.log_std[idx] = obs.cpu(), mean.cpu(), log_std.cpu()
+        self.pos = (self.pos + obs.shape[0]) % self.capacity
+        self.size = min(self.size + obs.shape[0], self.capacity)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``n`` entries drawn uniformly with replacement: (obs (n, F), mean (n, Da), log_std (n, Da))."""
+        if self.size == 0:
+            raise RuntimeError("the distillation replay buffer is empty")
+        idx = torch.randint(0, self.size, (n,), generator=generator)
+        return self.obs[idx], self.mean[idx], self.log_std[idx]
+
+    def state_dict(self) -> dict[str, Any]:
+        n = self.size
+        order = (torch.arange(n) + (self.pos - n)) % self.capacity  # oldest first
+        return {"obs": self.obs[order].clone(), "mean": self.mean[order].clone(),
+                "log_std": self.log_std[order].clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.size = self.pos = 0
+        self.add(state["obs"], state["mean"], state["log_std"])
+
+
 # ---------------------------------------------------------------------------- the learner
 def make_learner_class():
     """SB3 PPO with ``train()`` replaced by the RPD update (built lazily: SB3 is optional)."""
@@ -259,6 +307,13 @@ def make_learner_class():
             self.obs_dim, self.history, self.teacher_horizon = obs_dim, history, teacher_horizon
             self.last_terms: dict[str, float] = {}
             super().__init__(*args, **kwargs)
+            self.replay = DistillReplay(rpd.distill_buffer_size, self.observation_space.shape[0],
+                                        self.action_space.shape[0]) \
+                if rpd.distill_buffer_size > 0 and teacher is not None else None
+
+        def _label(self, obs: Tensor, low: float, high: float) -> tuple[Tensor, Tensor]:
+            return query_teacher(self.teacher, obs, self.obs_dim, self.history, self.teacher_horizon, low,
+                                 high, self.rpd.teacher_samples, self.rpd.teacher_min_std)
 
         def train(self) -> None:
             self.policy.set_training_mode(True)
@@ -267,15 +322,24 @@ def make_learner_class():
             lam = distill_coef_at(self.num_timesteps, self.rpd) if self.teacher is not None else 0.0
             low, high = float(self.action_space.low.min()), float(self.action_space.high.max())
             logs: dict[str, list[float]] = defaultdict(list)
+            replay = self.replay if lam > 0 else None
+            if replay is not None:  # this rollout's states join the buffer, labelled once
+                flat = torch.as_tensor(self.rollout_buffer.observations).reshape(-1, self.replay.obs.shape[1])
+                labels = [self._label(part.to(self.device), low, high) for part in flat.split(1024)]
+                replay.add(flat, torch.cat([m for m, _ in labels]), torch.cat([s for _, s in labels]))
             stop = False
             for _epoch in range(self.n_epochs):
                 for b in self.rollout_buffer.get(self.batch_size):
                     dist, mean, log_std, values = self.policy.distribution(b.observations)
                     t_mean = t_log_std = None
                     if lam > 0:
-                        t_mean, t_log_std = query_teacher(
-                            self.teacher, b.observations, self.obs_dim, self.history, self.teacher_horizon,
-                            low, high, self.rpd.teacher_samples, self.rpd.teacher_min_std)
+                        t_mean, t_log_std = self._label(b.observations, low, high)
+                    if replay is not None:  # L_distill over the minibatch and earlier visited states
+                        r_obs, r_mean, r_log_std = replay.sample(self.rpd.distill_replay_batch)
+                        r_student = self.policy.model(r_obs.to(self.device))[0]  # (R, Da) actor mean
+                        mean = torch.cat([mean, r_student])
+                        t_mean = torch.cat([t_mean, r_mean.to(self.device)])
+                        t_log_std = torch.cat([t_log_std, r_log_std.to(self.device)])
                     loss, terms = rpd_loss(
                         log_prob=dist.log_prob(b.actions), old_log_prob=b.old_log_prob,
                         advantages=b.advantages, values=values, old_values=b.old_values, returns=b.returns,
@@ -283,7 +347,9 @@ def make_learner_class():
                         teacher_log_std=t_log_std, cfg=self.rpd, lam=lam, critic_warmup=warmup)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite RPD loss at env step {self.num_timesteps}")
-                    if self.target_kl is not None and float(terms["approx_kl"]) > 1.5 * self.target_kl:
+                    # the KL early stop bounds policy-gradient steps; a warm-up update has none
+                    if not warmup and self.target_kl is not None \
+                            and float(terms["approx_kl"]) > 1.5 * self.target_kl:
                         stop = True
                         break
                     self.policy.optimizer.zero_grad(set_to_none=True)
@@ -339,6 +405,10 @@ def train_rl(cfg: DictConfig, run_dir: Path, runner, device: torch.device, rcfg:
         policy.actor_critic.load_state_dict(resumed["model"])
         learner.policy.optimizer.load_state_dict(resumed["optimizer"])
         learner.num_timesteps = int(resumed["step"])
+        replay_state = {k[len("replay."):]: v for k, v in resumed["extra_tensors"].items()
+                        if k.startswith("replay.")}
+        if learner.replay is not None and replay_state:
+            learner.replay.load_state_dict(replay_state)
         print(f"[{tag}] resuming from {state_dir} at env step {learner.num_timesteps}/{rcfg.total_steps} "
               "(weights, optimizer and step restored; the env restarts its episode)")
     per_rollout = rcfg.n_steps * rcfg.num_envs
@@ -369,8 +439,10 @@ def train_rl(cfg: DictConfig, run_dir: Path, runner, device: torch.device, rcfg:
             print(f"[{tag}] {step}/{rcfg.total_steps} env steps: eval success {ev['success_rate']:.2f}, "
                   f"return {ev['mean_return']:.1f}, {fps:.0f} env steps/s, "
                   f"distill {learner.last_terms.get('distill_loss', float('nan')):.4f}")
+            replay = {f"replay.{k}": v for k, v in learner.replay.state_dict().items()} \
+                if learner.replay is not None else None
             save_train_state(state_dir, step, policy.actor_critic.state_dict(), learner.policy.optimizer,
-                             extra={"curve": curve})
+                             extra_tensors=replay, extra={"curve": curve})
     finally:
         eval_venv.close()
         venv.close()

@@ -9,7 +9,14 @@ from embodied_distill.policies.rl.configuration_rl import ResidualPolicyConfig, 
 from embodied_distill.policies.rl.modeling_rl import GaussianActorCritic, ResidualPolicy, RLPolicy
 
 from embodied_distill.data.normalizer import Normalizer
-from embodied_distill.distill.rpd import DISTILL_LOSSES, RPDConfig, distill_coef_at, distill_term, rpd_loss
+from embodied_distill.distill.rpd import (
+    DISTILL_LOSSES,
+    DistillReplay,
+    RPDConfig,
+    distill_coef_at,
+    distill_term,
+    rpd_loss,
+)
 from embodied_distill.losses import clipped_value_loss, entropy_bonus, normalize_advantages, ppo_clip_loss
 
 DS, DA = 9, 4
@@ -112,6 +119,12 @@ def test_config_range_checks():
         RPDConfig.from_cfg({"lamda": 1.0})
     with pytest.raises(ValueError, match="critic_warmup_steps"):
         RPDConfig(critic_warmup_steps=-1)
+    with pytest.raises(ValueError, match="set together"):
+        RPDConfig(distill_buffer_size=100)
+    with pytest.raises(ValueError, match="set together"):
+        RPDConfig(distill_replay_batch=10)
+    with pytest.raises(ValueError, match=">= 0"):
+        RPDConfig(distill_buffer_size=-1, distill_replay_batch=-1)
     with pytest.raises(ValueError, match="net_obs_horizon"):
         RLPolicyConfig(obs_dim=3, action_dim=2, obs_horizon=1, net_obs_horizon=2)
     with pytest.raises(ValueError, match="base_policy"):
@@ -189,3 +202,28 @@ def test_running_obs_statistics_match_numpy():
     np.testing.assert_allclose(ac.obs_mean.numpy(), both.mean(0), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(ac.obs_var.numpy(), both.var(0), rtol=1e-4, atol=1e-4)
     assert float(ac.obs_count) == 137
+
+
+def test_distill_replay_is_a_fifo_of_labelled_states_and_round_trips():
+    """Capacity 5: after 3 + 4 additions it holds the last 5 states, each with its own labels, oldest first
+    in its state dict; samples are rows of it; a reload of the state dict gives the same buffer."""
+    buf = DistillReplay(5, flat_dim=3, action_dim=2)
+    with pytest.raises(RuntimeError, match="empty"):
+        buf.sample(1)
+    obs = torch.arange(7.0)[:, None].expand(7, 3).clone()  # row i is all i
+    mean, log_std = obs[:, :2] * 10, -obs[:, :2]
+    buf.add(obs[:3], mean[:3], log_std[:3])
+    assert buf.size == 3
+    buf.add(obs[3:], mean[3:], log_std[3:])
+    assert buf.size == 5
+    st = buf.state_dict()
+    assert st["obs"][:, 0].tolist() == [2.0, 3.0, 4.0, 5.0, 6.0]
+    assert torch.equal(st["mean"], st["obs"][:, :2] * 10) and torch.equal(st["log_std"], -st["obs"][:, :2])
+    o, m, ls = buf.sample(50, generator=torch.Generator().manual_seed(0))
+    assert set(o[:, 0].tolist()) <= {2.0, 3.0, 4.0, 5.0, 6.0} and len(set(o[:, 0].tolist())) > 1
+    assert torch.equal(m, o[:, :2] * 10) and torch.equal(ls, -o[:, :2])  # labels travel with their state
+    again = DistillReplay(5, flat_dim=3, action_dim=2)
+    again.load_state_dict(st)
+    assert all(torch.equal(again.state_dict()[k], st[k]) for k in st)
+    again.add(obs[:6], mean[:6], log_std[:6])  # more than the capacity at once: the last 5 stay
+    assert again.state_dict()["obs"][:, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]

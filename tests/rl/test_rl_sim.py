@@ -211,3 +211,31 @@ def test_critic_warmup_trains_the_value_function_and_leaves_the_actor_alone(tmp_
     log = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     flags = [x["train/critic_warmup"] for x in log if "train/critic_warmup" in x]
     assert flags and all(f == 1.0 for f in flags)
+
+
+def test_rpd_distill_replay_keeps_visited_states_with_teacher_labels_across_a_resume(tmp_path):
+    """The replay buffer (capacity 400) is saved with the training state: after 500 env steps it holds the
+    last 400 visited states, each with the teacher's action for it; a run resumed to 750 steps continues
+    that FIFO (its oldest 150 entries are the saved buffer's newest 150) instead of starting empty."""
+    from embodied_distill.checkpoint import load_train_state
+    from embodied_distill.distill.rpd import query_teacher
+
+    runner = ManiSkillRunner(TASK, sim_backend="cpu")
+    teacher = _teacher()
+    cfg = OmegaConf.create({"seed": 0, "resume": True, "eval": {"seed_start": 100_000, "episodes": 1,
+                                                                  "num_envs": 1, "video_episodes": 0}})
+    saved = []
+    for total in (500, 750):
+        torch.manual_seed(0)
+        rcfg = RPDConfig(total_steps=total, n_steps=250, batch_size=125, eval_every=250, eval_episodes=1,
+                         distill_coef=1.0, distill_buffer_size=400, distill_replay_batch=50)
+        policy = RLPolicy(student_config(rcfg, DS, DA, 2, -1.0, 1.0))
+        train_rl(cfg, tmp_path, runner, torch.device("cpu"), rcfg, policy,
+                 env_factory(runner, 2, None, 1.0, 2_000_000), teacher, 2, 2, "rpd")
+        saved.append(load_train_state(tmp_path / "train_state")["extra_tensors"])
+    first, second = saved
+    assert first["replay.obs"].shape == (400, 2 * DS) and second["replay.obs"].shape == (400, 2 * DS)
+    labels, _ = query_teacher(teacher, first["replay.obs"], DS, 2, 2, -1.0, 1.0)
+    torch.testing.assert_close(first["replay.mean"], labels)
+    assert torch.equal(second["replay.obs"][:150], first["replay.obs"][-150:])
+    assert not torch.equal(second["replay.obs"][150:], first["replay.obs"][:250])
