@@ -239,3 +239,29 @@ def test_rpd_distill_replay_keeps_visited_states_with_teacher_labels_across_a_re
     torch.testing.assert_close(first["replay.mean"], labels)
     assert torch.equal(second["replay.obs"][:150], first["replay.obs"][-150:])
     assert not torch.equal(second["replay.obs"][150:], first["replay.obs"][:250])
+
+
+def test_warmup_updates_are_not_cut_short_by_the_kl_early_stop():
+    """With a teacher, a warm-up update moves the actor (distillation), so its approx KL can exceed a tiny
+    target_kl; the early stop bounds policy-gradient steps only, so every epoch still runs. After the
+    warm-up the same target stops the update in its first epoch."""
+    from embodied_distill.policies.rl.modeling_rl import sb3_policy_class
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from embodied_distill.distill.rpd import make_learner_class
+
+    torch.manual_seed(0)
+    runner = ManiSkillRunner(TASK, sim_backend="cpu")
+    rcfg = RPDConfig(total_steps=500, n_steps=250, batch_size=125, n_epochs=4, distill_coef=10.0,
+                     target_kl=1e-9, critic_warmup_steps=250)
+    policy = RLPolicy(student_config(rcfg, DS, DA, 2, -1.0, 1.0))
+    venv = DummyVecEnv([env_factory(runner, 2, None, 1.0, 2_000_000)(0)])
+    learner = make_learner_class()(
+        sb3_policy_class(), venv, n_steps=rcfg.n_steps, batch_size=rcfg.batch_size, n_epochs=rcfg.n_epochs,
+        target_kl=rcfg.target_kl, policy_kwargs={"actor_critic": policy.actor_critic}, seed=0, device="cpu",
+        rpd=rcfg, teacher=_teacher(), obs_dim=DS, history=2, teacher_horizon=2)
+    learner.learn(250)
+    assert learner.last_terms["critic_warmup"] == 1.0 and learner._n_updates == 4
+    learner.learn(250, reset_num_timesteps=False)
+    assert learner.last_terms["critic_warmup"] == 0.0 and learner._n_updates == 5
+    venv.close()
