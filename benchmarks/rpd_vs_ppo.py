@@ -101,8 +101,8 @@ def run_dir(work: Path, task: str, method: str, seed: int, budget: dict) -> Path
 
 
 def method_steps(budget: dict, method: str) -> int:
-    """A method's env-step budget: ``--ppo-steps`` for PPO when given, else the common budget."""
-    return int(budget.get("ppo_steps") or budget["steps"]) if method == "ppo" else int(budget["steps"])
+    """A method's env-step budget: ``--ppo-steps`` / ``--rpd-steps`` when given, else the common budget."""
+    return int(budget.get(f"{method}_steps") or budget["steps"])
 
 
 def check_teacher(run: Path, ckpt: Path) -> None:
@@ -122,7 +122,7 @@ def train_run(task: str, method: str, seed: int, ckpt: Path, work: Path, budget:
     steps = method_steps(budget, method)
     # a longer PPO run continues the finished common-budget run (its atomic training state: weights,
     # optimiser, obs statistics, RNG, curve), exactly as a crash resume would, instead of redoing it
-    base = run_dir(work, task, method, seed, {**budget, "ppo_steps": None})
+    base = run_dir(work, task, method, seed, {**budget, f"{method}_steps": None})
     cont = steps > budget["steps"] and (base / "report.json").exists() and (base / "train_state").is_dir()
     if not (run / "report.json").exists():
         if cont and not (run / "train_state").exists():
@@ -140,6 +140,9 @@ def train_run(task: str, method: str, seed: int, ckpt: Path, work: Path, budget:
     if method != "ppo":
         check_teacher(run, ckpt)
     rep = json.loads((run / "report.json").read_text())
+    if int(rep["env_steps"]) != steps:
+        raise SystemExit(f"{run} holds a {rep['env_steps']}-step run, not {steps}: a finished run is "
+                         "reused only at its own budget (another --name, or --ppo-steps / --rpd-steps)")
     curve = rep["curve"]
     if cont:  # states saved before the curve travelled with them: take the first part from the base run
         first = json.loads((base / "report.json").read_text())
@@ -252,6 +255,9 @@ def main() -> None:
     ap.add_argument("--ppo-steps", type=int, default=None,
                     help="a longer budget for PPO alone (continues finished --steps runs), to bound PPO's "
                          "steps to 0.8 when it does not get there within the common budget")
+    ap.add_argument("--rpd-steps", type=int, default=None,
+                    help="a longer budget for RPD alone (continues finished --steps runs), e.g. to see "
+                         "whether it passes its teacher given more steps")
     ap.add_argument("--teacher-pickcube", default=None, help="teacher checkpoint dir (else trained here)")
     ap.add_argument("--teacher-pushcube", default=None)
     ap.add_argument("--stop-after-s", type=float, default=None, help="start no new run after this many s")
@@ -269,6 +275,7 @@ def main() -> None:
         budget["reward_mode"] = args.reward_mode
     budget["rpd_overrides"] = list(args.rpd)
     budget["ppo_steps"] = args.ppo_steps
+    budget["rpd_steps"] = args.rpd_steps
     name = args.name or ("rpd_vs_ppo_quick" if args.quick else "rpd_vs_ppo")
     tasks = args.tasks or (["pickcube"] if args.quick else ["pickcube", "pushcube"])
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
@@ -306,8 +313,8 @@ def main() -> None:
     train_min = sum(r["train_wall_s"] for r in runs) / 60
     demos = ", ".join(f"{budget['teacher_demos'][t]} {t} demos ({budget['teacher_steps'][t]} steps)"
                       for t in tasks)
-    ppo_note = f" (PPO: {budget['ppo_steps']}, continuing its {budget['steps']}-step runs)" \
-        if budget.get("ppo_steps") else ""
+    longer = [f"{m.upper()}: {budget[f'{m}_steps']}" for m in ("ppo", "rpd") if budget.get(f"{m}_steps")]
+    ppo_note = f" ({', '.join(longer)}, continuing the {budget['steps']}-step runs)" if longer else ""
     head = (f"## {name}{' (PARTIAL: missing ' + ', '.join(missing) + ')' if missing else ''}\n\n"
             f"Budget per run: {budget['steps']} env steps{ppo_note}, reward `{budget['reward_mode']}` "
             "(1 CPU env, PPO rollouts of 500 steps, 10 epochs, minibatch 50, gamma 0.8: "
