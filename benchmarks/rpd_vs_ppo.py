@@ -101,7 +101,8 @@ def run_dir(work: Path, task: str, method: str, seed: int, budget: dict) -> Path
 
 
 def method_steps(budget: dict, method: str) -> int:
-    """A method's env-step budget: ``--ppo-steps`` / ``--rpd-steps`` when given, else the common budget."""
+    """A method's env-step budget: ``--ppo-steps`` / ``--rpd-steps`` / ``--residual-steps`` when given, else
+    the common budget."""
     return int(budget.get(f"{method}_steps") or budget["steps"])
 
 
@@ -258,6 +259,8 @@ def main() -> None:
     ap.add_argument("--rpd-steps", type=int, default=None,
                     help="a longer budget for RPD alone (continues finished --steps runs), e.g. to see "
                          "whether it passes its teacher given more steps")
+    ap.add_argument("--residual-steps", type=int, default=None,
+                    help="a longer budget for residual RL alone (continues finished --steps runs)")
     ap.add_argument("--teacher-pickcube", default=None, help="teacher checkpoint dir (else trained here)")
     ap.add_argument("--teacher-pushcube", default=None)
     ap.add_argument("--stop-after-s", type=float, default=None, help="start no new run after this many s")
@@ -276,6 +279,7 @@ def main() -> None:
     budget["rpd_overrides"] = list(args.rpd)
     budget["ppo_steps"] = args.ppo_steps
     budget["rpd_steps"] = args.rpd_steps
+    budget["residual_rl_steps"] = args.residual_steps
     name = args.name or ("rpd_vs_ppo_quick" if args.quick else "rpd_vs_ppo")
     tasks = args.tasks or (["pickcube"] if args.quick else ["pickcube", "pushcube"])
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
@@ -313,7 +317,7 @@ def main() -> None:
     train_min = sum(r["train_wall_s"] for r in runs) / 60
     demos = ", ".join(f"{budget['teacher_demos'][t]} {t} demos ({budget['teacher_steps'][t]} steps)"
                       for t in tasks)
-    longer = [f"{m.upper()}: {budget[f'{m}_steps']}" for m in ("ppo", "rpd") if budget.get(f"{m}_steps")]
+    longer = [f"{m}: {budget[f'{m}_steps']}" for m in METHODS if budget.get(f"{m}_steps")]
     ppo_note = f" ({', '.join(longer)}, continuing the {budget['steps']}-step runs)" if longer else ""
     head = (f"## {name}{' (PARTIAL: missing ' + ', '.join(missing) + ')' if missing else ''}\n\n"
             f"Budget per run: {budget['steps']} env steps{ppo_note}, reward `{budget['reward_mode']}` "
