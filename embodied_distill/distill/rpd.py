@@ -9,6 +9,9 @@ with ``L_distill`` one of ``mse`` (default, MSE(student mean, teacher action)), 
 (``-log pi_student(teacher action)``) or ``gaussian_kl`` (KL(student || teacher) with the teacher's
 Gaussian from several samples, std floored), all from the loss core, and ``lambda(t)`` constant or
 cosine-annealed to 0 (``0.5 cos(pi t / T) + 0.5``). ``distill_coef=0`` is plain PPO (the baseline).
+Two additions, off by default: a distillation replay (:class:`DistillReplay`: earlier visited states with
+their teacher labels join each minibatch's ``L_distill``) and a critic warm-up (no policy-gradient term
+for the first ``critic_warmup_steps``).
 
 stable-baselines3 is the RL engine: its PPO collects rollouts with GAE; :class:`RPDPPO` replaces only
 ``train()`` with the update above. Reads top to bottom: (1) teacher, (2) env + student, (3) training in
