@@ -2,7 +2,8 @@
 
     python benchmarks/rpd_vs_ppo.py [--quick] [--tasks pickcube pushcube] [--seeds 0 1 2]
                                     [--steps N] [--reward-mode sparse] [--jobs 2] [--rpd KEY=VALUE ...]
-                                    [--teacher-pickcube DIR] [--stop-after-s S] [--out DIR]
+                                    [--ppo-steps N] [--rpd-steps N] [--residual-steps N]
+                                    [--teacher-pickcube DIR] [--stop-after-s S] [--name NAME] [--out DIR]
 
 For each task: an imperfect teacher (behaviour cloning of an MLP on few demos, trained here with
 ``python -m embodied_distill.train`` unless given; its success on 50 unseen seeds is measured), then for
