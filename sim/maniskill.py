@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from functools import partial
 from typing import Any
 
 import gymnasium as gym
@@ -276,26 +277,58 @@ def expert_pushcube(u) -> np.ndarray:
 EXPERTS = {"pickcube": expert_pickcube, "stackcube": expert_stackcube, "pushcube": expert_pushcube}
 
 
+JOINT_EXPERTS = {("so100", "pickcube"): "embodied_distill.sim.so100_expert:SO100PickCubeExpert"}
+"""Scripted experts for joint-position control, keyed by (robot, task): classes built after each reset
+(``expert(env.unwrapped)``) and called once per step. The ``EXPERTS`` functions are for pd_ee_delta_pose."""
+
+
+def _scripted_expert(env, task: str):
+    """The per-step expert callable for this env's robot and controller (after ``env.reset``)."""
+    u = env.unwrapped
+    robot = str(getattr(u, "robot_uids", "panda"))
+    control = str(getattr(u, "control_mode", "pd_ee_delta_pose"))
+    if (robot, task) in JOINT_EXPERTS:
+        if control != "pd_joint_pos":
+            raise ValueError(f"the scripted {robot} {task} expert emits pd_joint_pos targets; "
+                             f"the env uses {control!r}")
+        import importlib
+
+        module, name = JOINT_EXPERTS[robot, task].split(":")
+        expert = getattr(importlib.import_module(module), name)(u)
+        return expert, "joint"
+    if control != "pd_ee_delta_pose":
+        have = sorted(EXPERTS) + [f"{r}/{t}" for r, t in JOINT_EXPERTS]
+        raise KeyError(f"no scripted expert for {robot} {task} under {control!r}; the pd_ee_delta_pose "
+                       f"experts are {sorted(EXPERTS)}, the joint-space ones {have[len(EXPERTS):]}")
+    if task not in EXPERTS:
+        raise KeyError(f"no scripted expert for task {task!r}; experts exist for {sorted(EXPERTS)}")
+    return partial(EXPERTS[task], u), "ee"
+
+
 def run_expert_episode(env, task: str, seed: int, max_steps: int, noise_std: float = 0.0,
                        noise_prob: float = 0.0) -> dict[str, Any]:
-    """Roll out the scripted expert once (DART-style noise: the executed translation is perturbed with
-    probability ``noise_prob``, the recorded label stays the clean expert action).
+    """Roll out the scripted expert once (DART-style noise: the executed action is perturbed with
+    probability ``noise_prob``, the recorded label stays the clean expert action). The noise is Gaussian
+    with std ``noise_std`` in the controller's units: on the translation of a pd_ee_delta_pose action, on
+    the arm joint targets (radians) of a joint-space expert.
 
     Returns ``{"state": (T, Do), "action": (T, Da), "success": bool, "seed": int}``.
     """
-    if task not in EXPERTS:
-        raise KeyError(f"no scripted expert for task {task!r}; experts exist for {sorted(EXPERTS)}")
-    expert, u = EXPERTS[task], env.unwrapped
     rng = np.random.default_rng(seed + 7_919)
     obs, _ = env.reset(seed=seed)
+    expert, kind = _scripted_expert(env, task)
+    low = np.asarray(env.action_space.low, np.float64).reshape(-1)
+    high = np.asarray(env.action_space.high, np.float64).reshape(-1)
+    noisy = slice(0, 3) if kind == "ee" else slice(0, len(low) - 1)  # never the gripper
     states, actions, success = [], [], False
     for t in range(max_steps):
-        a = expert(u)
+        a = np.asarray(expert(), np.float64)
         executed = a.copy()
-        # translation noise only (the experts correct yaw but not roll/pitch), and none in the last
-        # 10 steps so the episode can still end at rest (success requires a static robot)
+        # none in the last 10 steps so the episode can still end at rest (success requires a static
+        # robot); the ee experts correct yaw but not roll/pitch, so only their translation is noised
         if noise_prob > 0 and t < max_steps - 10 and rng.random() < noise_prob:
-            executed[:3] = np.clip(executed[:3] + rng.normal(0, noise_std, 3), -1, 1)
+            executed[noisy] += rng.normal(0, noise_std, executed[noisy].shape)
+            executed = np.clip(executed, low, high)
         states.append(np.asarray(obs, np.float32).reshape(-1))
         actions.append(a.astype(np.float32))
         obs, _, _, trunc, info = env.step(executed)
@@ -432,8 +465,6 @@ class ManiSkillRunner:
 
     def collect_demos(self, path, n_episodes: int, seed_start: int = 0, num_workers: int = 2,
                       noise_std: float = 0.0, noise_prob: float = 0.0) -> dict[str, Any]:
-        from functools import partial
-
         from embodied_distill.data.collect import collect_demos
 
         if self.expert == "scripted":

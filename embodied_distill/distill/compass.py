@@ -64,7 +64,8 @@ class Embodiment:
     control_mode: str = "pd_ee_delta_pose"
     """ManiSkill controller (the expert must produce actions for it)."""
     expert: str = "scripted"
-    """Demo source: ``scripted`` (pd_ee_delta_pose experts in sim/maniskill.py) or ``motionplanner``."""
+    """Demo source: ``scripted`` (sim/maniskill.py: the pd_ee_delta_pose experts, and joint-space ones such as
+    the so100's in sim/so100_expert.py) or ``motionplanner`` (ManiSkill's mplib solutions)."""
     max_episode_steps: int = 50
     """Episode limit on this robot (training and evaluation)."""
     demos: int | None = None

@@ -353,7 +353,6 @@ def test_cli_compass_tiny_budget_runs_all_stages(tmp_path):
         f"hydra.run.dir={run}",
         f"demos.dir={tmp_path / 'demos'}",
         "distill.demos_per_embodiment=2",
-        "distill.embodiments.1.demos=2",  # so100 sets its own count (200)
         "distill.base_steps=20",
         "distill.specialist.total_steps=250",
         "distill.specialist.n_steps=250",

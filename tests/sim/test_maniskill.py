@@ -32,6 +32,50 @@ def test_scripted_expert_solves_unseen_seeds_within_50_steps(task):
     assert np.abs(ep["action"]).max() <= 1.0
 
 
+def test_so100_scripted_expert_is_a_feedback_law_that_picks_the_cube():
+    """The SO-100's joint-space expert (sim/so100_expert.py) solves most seeds within 120 steps, emits
+    joint targets inside the limits, and its action depends only on the current state: a second expert
+    built on the same state gives the same action."""
+    from embodied_distill.sim.so100_expert import SO100PickCubeExpert
+
+    cfg = ManiSkillEnvConfig(robot_uids="so100", control_mode="pd_joint_pos", max_episode_steps=120)
+    env = make_single_env(cfg)
+    try:
+        results = [run_expert_episode(env, "pickcube", seed, 120) for seed in range(100, 110)]
+        env.reset(seed=5)
+        for _ in range(30):
+            a = SO100PickCubeExpert(env.unwrapped)()
+            assert np.array_equal(a, SO100PickCubeExpert(env.unwrapped)())
+            env.step(a)
+    finally:
+        env.close()
+    wins = sum(r["success"] for r in results)
+    assert wins >= 5, [r["success"] for r in results]
+    high = np.array([2.0, 1.5708, 1.5708, 1.8, 3.1416])  # the SO-100's arm joint limits
+    low = -high
+    for r in results:
+        assert r["action"].shape[1] == 6 and r["state"].shape[1] == 36
+        assert np.all(r["action"][:, :5] >= low - 1e-4) and np.all(r["action"][:, :5] <= high + 1e-4)
+        grip = r["action"][:, 5]
+        assert np.all(np.isclose(grip, 0.0) | np.isclose(grip, -0.8))
+
+
+def test_scripted_expert_refuses_a_controller_it_cannot_drive():
+    env = make_single_env(ManiSkillEnvConfig(robot_uids="so100", control_mode="pd_joint_delta_pos",
+                                             max_episode_steps=10))
+    try:
+        with pytest.raises(ValueError, match="pd_joint_pos"):
+            run_expert_episode(env, "pickcube", 0, 10)
+    finally:
+        env.close()
+    env = make_single_env(ManiSkillEnvConfig(control_mode="pd_joint_pos", max_episode_steps=10))
+    try:
+        with pytest.raises(KeyError, match="no scripted expert for panda pickcube"):
+            run_expert_episode(env, "pickcube", 0, 10)
+    finally:
+        env.close()
+
+
 def test_reset_does_not_depend_on_the_previous_episode():
     """ManiSkill's CPU reset keeps the last episode's contacts (is_grasped stayed 1.0 after a grasp);
     the runner's env must give a freshly built env's first observation whatever ran before."""
