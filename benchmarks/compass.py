@@ -2,6 +2,7 @@
 
     python benchmarks/compass.py [--quick] [--stage all|base|specialists|generalist|evaluate]
                                  [--only NAME ...] [--out DIR] [--demos ROBOT=N ...] [--name NAME]
+                                 [--specialist-steps N] [--seed S]
 
 Runs ``embodied_distill/distill/compass.py`` (the ``configs/distill/compass.yaml`` embodiments: panda with
 pd_ee_delta_pose and its scripted expert, so100 with pd_joint_pos and ManiSkill's motion planner) with
@@ -154,6 +155,8 @@ def main() -> None:
     ap.add_argument("--demos", nargs="*", default=[], metavar="ROBOT=N",
                     help="demo count per robot instead of the config's (e.g. panda=15: a weaker IL base)")
     ap.add_argument("--name", default=None, help="results and run-dir name (default compass[_quick])")
+    ap.add_argument("--specialist-steps", type=int, default=None, metavar="N",
+                    help="env steps per residual-RL specialist instead of the preset's (30000)")
     ap.add_argument("--seed", type=int, default=0, help="training seed (base, specialists, generalist); the "
                     "evaluation seeds stay fixed")
     args = ap.parse_args()
@@ -165,7 +168,11 @@ def main() -> None:
     from embodied_distill.train import make_runner, quiet
 
     quiet()
-    preset = QUICK if args.quick else FULL
+    preset = dict(QUICK if args.quick else FULL)
+    if args.specialist_steps is not None:
+        if args.specialist_steps <= preset["critic_warmup_steps"]:
+            ap.error(f"--specialist-steps must exceed the critic warm-up ({preset['critic_warmup_steps']})")
+        preset["specialist_steps"] = args.specialist_steps
     name = args.name or ("compass_quick" if args.quick else "compass")
     run_dir = REPO_ROOT / "outputs" / "benchmarks" / name
     stages = list(STAGES) if args.stage == "all" else [args.stage]

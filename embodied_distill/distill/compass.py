@@ -79,6 +79,10 @@ class Embodiment:
     action_relative_to_state: bool = False
     """The policy predicts the action as an offset from the first Da state features (the joint positions):
     for absolute joint-position control, where BC on the absolute targets is too coarse to grasp."""
+    residual_scale: float | None = None
+    """This robot's specialist residual scale (env action units per unit of residual). None:
+    ``distill.specialist.residual_scale``. Joint-position robots need a smaller one than an end-effector
+    delta controller: 0.25 there is up to 0.25 rad of exploration per joint per step."""
 
     def __post_init__(self):
         if self.expert not in EXPERTS:
@@ -92,6 +96,9 @@ class Embodiment:
                 self.demo_noise_prob is not None and not 0 <= self.demo_noise_prob <= 1:
             raise ValueError(f"embodiment {self.name!r}: demo_noise_std must be >= 0 and demo_noise_prob "
                              "in [0, 1]")
+        if self.residual_scale is not None and not 0.0 < self.residual_scale <= 2.0:
+            raise ValueError(f"embodiment {self.name!r}: residual_scale must be in (0, 2], "
+                             f"got {self.residual_scale}")
 
     def demo_noise(self, demos: DictConfig) -> tuple[float, float]:
         """(std, prob) of this robot's demo noise: its own fields, else the ``demos`` group's for a scripted
@@ -324,8 +331,10 @@ def train_specialists(cfg: DictConfig, ccfg: CompassConfig, base, out: Path, dev
         if (ccfg.only and emb.name not in ccfg.only) or (run / "report.json").exists():
             continue
         scfg = OmegaConf.merge(cfg, {"eval": {"video_episodes": 0}})
-        train_residual(scfg, run, make_runner(cfg, emb), device, rcfg, base.as_embodiment(emb.name).eval(),
-                       history=rcfg.net_obs_horizon, tag=f"compass_{emb.name}")
+        own = rcfg if emb.residual_scale is None else \
+            dataclasses.replace(rcfg, residual_scale=emb.residual_scale)
+        train_residual(scfg, run, make_runner(cfg, emb), device, own, base.as_embodiment(emb.name).eval(),
+                       history=own.net_obs_horizon, tag=f"compass_{emb.name}")
 
 
 def load_specialist(out: Path, name: str):
@@ -388,9 +397,17 @@ def fit_generalist(cfg: DictConfig, ccfg: CompassConfig, base, start, data: dict
     if (out / "checkpoint" / "meta.json").exists():
         return load_policy(out / "checkpoint")[0]
     torch.manual_seed(int(cfg.seed) + 1)
-    policy = type(base)(base.config, base.normalizer)  # same interface and normaliser as the base
+    # same interface and normaliser as the base; the std layout is the generalist's own setting (the
+    # base never used its std, and may come from a run with the other layout)
+    per_robot = bool(ccfg.policy.get("std_per_embodiment", False))
+    policy = type(base)(dataclasses.replace(base.config, std_per_embodiment=per_robot), base.normalizer)
     if start is not None or ccfg.init_generalist_from_base:
-        policy.load_state_dict((start if start is not None else base).state_dict())
+        weights = dict((start if start is not None else base).state_dict())
+        src = weights["log_std"]
+        if src.dim() > policy.log_std.dim():  # per-robot rows -> one global std: their mean
+            src = src.mean(0)
+        weights["log_std"] = src.expand_as(policy.log_std).clone()  # a global std seeds every row
+        policy.load_state_dict(weights)
     policy.to(device)
     dataset = distill_data(policy, ccfg, data)
     pcfg = phase_cfg(cfg, ccfg)

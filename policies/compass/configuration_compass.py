@@ -44,7 +44,12 @@ class CompassPolicyConfig(PolicyConfig):
     hidden_dims: tuple[int, ...] = (256, 256, 256)
     """Hidden widths of the MLP (LayerNorm + Mish after each)."""
     log_std_init: float = math.log(0.1)
-    """Initial value of the global learnable log std (COMPASS: sigma = 0.1), in normalised action units."""
+    """Initial value of the learnable log std (COMPASS: sigma = 0.1), in normalised action units."""
+    std_per_embodiment: bool = False
+    """False: one global learnable std per padded action dim, shared by every robot (COMPASS). True: one
+    row per embodiment. Robots whose specialists explore at very different normalised scales (a
+    joint-position arm beside an end-effector arm) pull a shared std to the widest one, and the KL then
+    fits the narrow robot's means ~1/sigma^2 more weakly."""
     obs_horizon: int = 1
     """To: states the policy reads (1: the current state)."""
     action_horizon: int = 1

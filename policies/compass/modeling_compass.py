@@ -6,6 +6,7 @@ Shapes (``E`` embodiments, ``Do = max_obs_dim``, ``Da = max_action_dim``)::
     pad_features(x (B, D_e), Do) -> (B, Do)            zeros after the embodiment's own D_e features
     feature_mask(dims (B,), Da) -> (B, Da) bool        True on each row's first dims[i] features
     CompassPolicy.distribution(state (B, Do), emb (B,)) -> mean (B, Da) (0 on masked dims), log_std (Da,)
+        (or (B, Da): one row per embodiment with ``std_per_embodiment``)
 
 States and actions are normalised per embodiment (normaliser keys ``state/<name>``, ``action/<name>``)
 before padding, so the shared network sees comparable scales. One instance acts as
@@ -73,7 +74,8 @@ class CompassPolicy(Policy):
             width = h
         layers.append(nn.Linear(width, c.max_action_dim))
         self.net = nn.Sequential(*layers)
-        self.log_std = nn.Parameter(torch.full((c.max_action_dim,), float(c.log_std_init)))
+        rows = (c.max_embodiments,) if c.std_per_embodiment else ()
+        self.log_std = nn.Parameter(torch.full((*rows, c.max_action_dim), float(c.log_std_init)))
         # from the config, not saved: the weights stay loadable after a robot is added to the list
         self.register_buffer("obs_dims", torch.tensor([int(e["obs_dim"]) for e in c.embodiments]),
                              persistent=False)
@@ -121,14 +123,18 @@ class CompassPolicy(Policy):
         return self.normalizer.unnormalize(f"action/{name}", action[..., :da]) + offset
 
     def distribution(self, state: Tensor, emb: Tensor) -> tuple[Tensor, Tensor]:
-        """Padded normalised states (B, Do) and indices (B,) -> (mean (B, Da), log_std (Da,)),
-        normalised action units; the mean is exactly 0 on each row's masked (absent) dims."""
+        """Padded normalised states (B, Do) and indices (B,) -> (mean (B, Da), log_std (Da,), or (B, Da)
+        with ``std_per_embodiment``), normalised action units; the mean is exactly 0 on each row's masked
+        (absent) dims."""
         if state.shape[-1] != self.config.max_obs_dim:
             raise ValueError(f"expected padded states of width {self.config.max_obs_dim}, "
                              f"got {state.shape[-1]}")
         obs_mask = feature_mask(self.obs_dims[emb.to(self.device, torch.long)], self.config.max_obs_dim)
         x = torch.cat([state.to(self.device) * obs_mask, self.code(emb)], dim=-1)
-        return self.net(x) * self.action_mask(emb), self.log_std
+        log_std = self.log_std
+        if self.config.std_per_embodiment:
+            log_std = log_std[emb.to(self.device, torch.long)]
+        return self.net(x) * self.action_mask(emb), log_std
 
     # ------------------------------------------------------------------ Policy contract
     def _emb(self, batch: int) -> Tensor:
@@ -159,7 +165,7 @@ class CompassPolicy(Policy):
         name, da = self.config.embodiment, self.config.action_dim
         scale = self.normalizer.params[f"action/{name}"]["scale"].to(mean)
         state = obs["state"][:, -1].to(mean.device)
-        std = (log_std[:da].exp() / scale).expand(mean.shape[0], da)
+        std = (log_std[..., :da].exp() / scale).expand(mean.shape[0], da)
         return self.unnormalize_action(name, mean, state), std
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:

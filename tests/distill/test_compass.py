@@ -155,6 +155,8 @@ def test_config_rejects_bad_input():
         Embodiment(name="a", robot_uids="panda", demos=0)
     with pytest.raises(ValueError, match="demo_noise"):
         Embodiment(name="a", robot_uids="panda", demo_noise_prob=1.5)
+    with pytest.raises(ValueError, match="residual_scale"):
+        Embodiment(name="a", robot_uids="so100", residual_scale=0.0)
 
 
 def test_demo_settings_per_embodiment_fall_back_to_the_demos_group():
@@ -288,6 +290,56 @@ def test_distillation_on_fixed_data_lowers_the_kl_to_each_specialist(tmp_path):
     assert not torch.allclose(student.log_std, torch.full_like(student.log_std, math.log(0.1)))
 
 
+def test_std_per_embodiment_fits_robots_that_explore_at_different_scales(tmp_path):
+    """Two specialists whose normalised stds differ ~50x: one shared std lands between them and the KL
+    to the narrow robot stays high; one std row per robot learns each robot's own std and fits both."""
+    robots = {k: ROBOTS[k] for k in ("panda", "so100")}
+    base = _policy(robots, seed=0).eval()
+    rng = np.random.default_rng(0)
+    data, teacher_log_std = {}, {}
+    for i, (name, (ds, _)) in enumerate(robots.items()):
+        spec = _specialist(base, name, seed=10 + i)
+        with torch.no_grad():
+            spec.actor_critic.log_std.fill_(-4.0 if name == "panda" else 0.0)
+        p = base.normalizer.params[f"state/{name}"]
+        states = torch.as_tensor(rng.uniform(-1, 1, (400, ds)), dtype=torch.float32)
+        states = states / p["scale"] + p["offset"]
+        mean, std = specialist_gaussian(spec, states)
+        data[name] = {"state": states.numpy(), "mean": mean.numpy(), "std": std.numpy()}
+        scale = base.normalizer.params[f"action/{name}"]["scale"]
+        teacher_log_std[name] = float((std[0] * scale).log().mean())  # normalised units, as distilled
+    optim = {"lr": 1e-2, "weight_decay": 0.0, "warmup_steps": 10, "batch_size": 64, "grad_clip": 1.0,
+             "log_every": 50, "checkpoint_every": 1000}
+    cfg = OmegaConf.create({"seed": 0, "resume": False})
+    kl, fitted = {}, {}
+    for per_robot in (False, True):
+        ccfg = CompassConfig(embodiments=[{"name": n, "robot_uids": n} for n in robots], epochs=60,
+                             optim=optim, policy={"std_per_embodiment": per_robot})
+        pol = fit_generalist(cfg, ccfg, base, None, data, tmp_path / f"gen{per_robot}", torch.device("cpu"))
+        fitted[per_robot] = pol
+        from embodied_distill.distill.compass import distill_data
+
+        kl[per_robot] = {}
+        for e, part in enumerate(distill_data(pol, ccfg, data).parts):
+            with torch.no_grad():
+                mean, log_std = pol.distribution(part["state"], part["embodiment"])
+                mask = pol.action_mask(part["embodiment"])
+                kl[per_robot][e] = float(generalist_loss("kl", mean, log_std, part["teacher_mean"],
+                                                         part["teacher_log_std"], mask))
+    print("KL per robot, global / per-robot std:", kl, "teacher log std:", teacher_log_std,
+          "rows:", fitted[True].log_std.detach(), "global:", fitted[False].log_std.detach())
+    assert fitted[False].log_std.shape == (7,) and fitted[True].log_std.shape == (2, 7)
+    # each row moves toward its own robot's teacher std (init log 0.1 = -2.3; the teachers sit at about
+    # -5.1 and -1.1): the narrow robot's row ends well below the wide one's, and the wide one's arrives
+    rows = fitted[True].log_std.detach()
+    narrow, wide = float(rows[0, :7].mean()), float(rows[1, :6].mean())
+    assert narrow < wide - 1.0, rows
+    assert abs(wide - teacher_log_std["so100"]) < 0.5, (rows, teacher_log_std)
+    # the shared std sits near the wide robot's, so the narrow robot's KL stays much higher with it
+    assert kl[True][0] < 0.7 * kl[False][0], kl
+    assert sum(kl[True].values()) < sum(kl[False].values()), kl
+
+
 def test_balanced_data_gives_every_embodiment_an_equal_share():
     parts = [
         {"embodiment": torch.zeros(10, dtype=torch.long), "state": torch.arange(10.0)[:, None]},
@@ -378,6 +430,10 @@ def test_cli_compass_tiny_budget_runs_all_stages(tmp_path):
     assert (run / "generalist" / "data_round1.npz").exists()
     gen = load_policy(run / "generalist" / "checkpoint")[0]
     assert gen.config.names == ["panda", "so100"]
+    # so100 sets its own residual scale (joint targets in radians); panda keeps the specialist group's
+    scales = {r: load_policy(run / "specialists" / r / "checkpoint")[0].config.residual_scale
+              for r in ("panda", "so100")}
+    assert scales == {"panda": 0.25, "so100": 0.05}
 
 
 def test_actions_relative_to_the_joint_positions_round_trip():
