@@ -462,3 +462,30 @@ def test_actions_relative_to_the_joint_positions_round_trip():
         pol.normalize_action("panda", torch.zeros(2, 7), torch.randn(2, 42)),
         pol.normalize_action("panda", torch.zeros(2, 7)),
     )
+
+
+def test_benchmark_stage_times_survive_pieces_that_run_at_once(tmp_path):
+    """benchmarks/compass.py runs the two specialists as parallel pieces; each adds its wall time to one
+    stage_times.json, and neither may drop the other's (it used to read at start and write at the end)."""
+    import importlib.util
+    import multiprocessing as mp
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "compass.py"
+    spec = importlib.util.spec_from_file_location("bench_compass", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    times = tmp_path / "stage_times.json"
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_add_times, args=(bench.add_stage_time, times, k)) for k in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert json.loads(times.read_text()) == {"a": 40.0, "b": 40.0}
+
+
+def _add_times(add, path, key):
+    for _ in range(40):
+        add(path, key, 1.0)
