@@ -6,12 +6,13 @@
                                  [--seed S]
 
 Runs ``embodied_distill/distill/compass.py`` (the ``configs/distill/compass.yaml`` embodiments: panda with
-pd_ee_delta_pose and its scripted expert, so100 with pd_joint_pos and ManiSkill's motion planner) with
-the budgets below, in ``outputs/benchmarks/<name>`` (default ``compass[_quick]``). ``--demos panda=15``
-replaces a robot's demo count (a weaker IL base leaves room for the 2x target). Every stage resumes from
+pd_ee_delta_pose and its scripted expert, so100 with pd_joint_pos and its joint-space scripted expert in
+sim/so100_expert.py) with the budgets below, in ``outputs/benchmarks/<name>`` (default
+``compass[_quick]``). ``--demos panda=15`` replaces a robot's demo count (a weaker IL base leaves room
+for the 2x target). Every stage resumes from
 what is already there, so on a shared CPU run it in pieces (``--stage base``, ``--stage specialists
---only panda``, ..., ``--stage evaluate``), each under the heavy-job lock; the wall time of every piece is
-accumulated in ``stage_times.json``. Success (ManiSkill's success flag at the last step of a full
+--only panda``, ..., ``--stage evaluate``; the two specialists may run at once); the wall time of every
+piece is accumulated in ``stage_times.json``. Success (ManiSkill's success flag at the last step of a full
 episode) of the IL base, each specialist and the generalist is measured on the same ``episodes`` unseen
 seeds (100000+) per embodiment. Targets (issue 8): generalist >= 90% of each specialist on its own
 robot, and >= 2x the IL base's mean success.
