@@ -34,6 +34,7 @@ FULL = {
     "base_steps": 15000,
     "specialist_steps": 30_000,
     "critic_warmup_steps": 5000,
+    "specialist_eval_every": 10_000,  # validations for keep_best (configs/distill/compass.yaml)
     "data_episodes": 50,
     # 3 rounds (was 1): on the default run the panda generalist went 0.84 -> 0.96 (its specialist: 0.96)
     "dagger_rounds": 3,
@@ -49,6 +50,7 @@ QUICK = {
     "base_steps": 1000,
     "specialist_steps": 2000,
     "critic_warmup_steps": 500,
+    "specialist_eval_every": 1000,
     "data_episodes": 5,
     "dagger_rounds": 1,
     "dagger_episodes": 2,
@@ -77,7 +79,7 @@ def compose(preset: dict, stages: list[str], only: list[str], run_dir: Path, see
         f"distill.demos_per_embodiment={preset['demos']}",
         f"distill.base_steps={preset['base_steps']}",
         f"distill.specialist.total_steps={preset['specialist_steps']}",
-        f"distill.specialist.eval_every={preset['specialist_steps']}",
+        f"distill.specialist.eval_every={preset['specialist_eval_every']}",
         f"distill.specialist.critic_warmup_steps={preset['critic_warmup_steps']}",
         f"distill.data_episodes={preset['data_episodes']}",
         f"distill.dagger_rounds={preset['dagger_rounds']}",
@@ -110,14 +112,19 @@ def add_stage_time(path: Path, key: str, seconds: float) -> dict[str, float]:
 
 
 def table(report: dict, times: dict, preset: dict, name: str, demos_cfg, default_scale: float,
-          std_per_robot: bool) -> str:
+          std_per_robot: bool, keep_best: bool) -> str:
     from embodied_distill.distill.compass import Embodiment
 
     rows = report["per_embodiment"]
+    keep_best_text = ("; kept: the best of validations at the start and every "
+                      f"{preset['specialist_eval_every']} steps, step in brackets" if keep_best else "")
     emb = {e["name"]: e for e in report["embodiments"]}
 
     def cell(r, who):
-        return f"{r[who]['success_rate']:.2f}" if who in r else "—"
+        if who not in r:
+            return "—"
+        picked = r[who].get("selected_step")
+        return f"{r[who]['success_rate']:.2f}" + (f" (step {picked})" if picked is not None else "")
 
     lines = [
         f"## {name}",
@@ -126,7 +133,8 @@ def table(report: dict, times: dict, preset: dict, name: str, demos_cfg, default
         f"seeds per embodiment. IL base: one embodiment-conditioned MLP, BC on the demos listed per robot "
         f"({preset['base_steps']} steps). Specialists: residual PPO on the frozen base, "
         f"{preset['specialist_steps']} env steps each (1 CPU env, the first "
-        f"{preset.get('critic_warmup_steps', 0)} of them value-only: critic warm-up). Generalist "
+        f"{preset.get('critic_warmup_steps', 0)} of them value-only: critic warm-up"
+        f"{keep_best_text}). Generalist "
         f"({'initialised from the IL base' if preset['generalist_from_base'] else 'from scratch'}, "
         f"{'one learnable std per robot' if std_per_robot else 'one global learnable std'}): "
         "KL(specialist || generalist) "
@@ -231,7 +239,8 @@ def main() -> None:
         return
     report = json.loads((run_dir / "report.json").read_text())
     md = table(report, times, preset, name, cfg.demos, float(cfg.distill.specialist.residual_scale),
-               bool(cfg.distill.policy.get("std_per_embodiment", False)))
+               bool(cfg.distill.policy.get("std_per_embodiment", False)),
+               bool(cfg.distill.specialist.get("keep_best", False)))
     print(md)
     payload = {
         "preset": preset,

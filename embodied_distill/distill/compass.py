@@ -500,8 +500,9 @@ def evaluate_all(cfg: DictConfig, ccfg: CompassConfig, run_dir: Path) -> dict[st
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(rep))
             rep = json.loads(path.read_text())
-            table[emb.name][who] = {k: rep[k] for k in ("success_rate", "success_once_rate", "success_stderr",
-                                                        "episodes", "mean_return")}
+            keys = ("success_rate", "success_once_rate", "success_stderr", "episodes", "mean_return",
+                    "selected_step")  # selected_step: a keep_best specialist's chosen weights
+            table[emb.name][who] = {k: rep[k] for k in keys if k in rep}
             if who == "generalist":
                 generalist_episodes += rep["per_episode"]
         print(f"[compass] {emb.name}: " + ", ".join(f"{w} {r['success_rate']:.2f}"

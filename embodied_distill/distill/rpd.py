@@ -125,6 +125,11 @@ class RPDConfig:
     """Episodes per periodic evaluation (seeds eval.seed_start + 10000 + i, disjoint from the final ones)."""
     train_seed_start: int = 1_000_000
     """First reset seed of the training episodes (+ 10000 * seed); must lie above eval seeds."""
+    keep_best: bool = False
+    """Model selection on the periodic (validation) evaluations: also evaluate the starting policy, and
+    end with the weights of the best one (the earliest among equals) instead of the last. For residual
+    RL the start is the base itself, so a specialist never ends below its base on the validation
+    seeds. The final evaluation runs on ``eval.seed_start`` seeds, disjoint from the validation ones."""
 
     def __post_init__(self):
         self.hidden_dims = tuple(self.hidden_dims)
@@ -420,15 +425,40 @@ def train_rl(cfg: DictConfig, run_dir: Path, runner, device: torch.device, rcfg:
     # the learning curve so far travels with the training state, so a resumed run reports all of it
     curve: list[dict[str, float]] = list(resumed["extra"].get("curve", [])) if resumed is not None else []
     t_start = time.perf_counter()
+    val_seed = int(cfg.eval.seed_start) + 10_000
+
+    def validate():
+        policy.eval()
+        return evaluate_policy(policy, eval_venv, rcfg.eval_episodes, val_seed, runner.max_episode_steps,
+                               desc=f"eval {tag}")
+
+    # keep_best: the best validated weights so far (step, success, actor-critic state), saved with the
+    # training state so a resumed run keeps choosing among all of them
+    best: dict[str, Any] | None = None
+
+    def snapshot() -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in policy.actor_critic.state_dict().items()}
+
     try:
+        if rcfg.keep_best and resumed is not None and "best_step" in resumed["extra"]:
+            best = {"step": int(resumed["extra"]["best_step"]),
+                    "success": float(resumed["extra"]["best_success"]),
+                    "state": {k[len("best."):]: v for k, v in resumed["extra_tensors"].items()
+                              if k.startswith("best.")}}
+        elif rcfg.keep_best and learner.num_timesteps == 0:
+            ev0 = validate()
+            best = {"step": 0, "success": ev0["success_rate"], "state": snapshot()}
+            curve.append({"env_steps": 0, "eval_success": ev0["success_rate"],
+                          "eval_return": ev0["mean_return"], "wall_s": 0.0})
+            print(f"[{tag}] keep_best: the starting policy validates at {ev0['success_rate']:.2f}")
         while learner.num_timesteps < rcfg.total_steps:
             t0, s0 = time.perf_counter(), learner.num_timesteps
             learner.learn(min(chunk, rcfg.total_steps - s0), reset_num_timesteps=False)
             fps = (learner.num_timesteps - s0) / (time.perf_counter() - t0)
-            policy.eval()
-            ev = evaluate_policy(policy, eval_venv, rcfg.eval_episodes, int(cfg.eval.seed_start) + 10_000,
-                                 runner.max_episode_steps, desc=f"eval {tag}")
+            ev = validate()
             step = learner.num_timesteps
+            if best is not None and ev["success_rate"] > best["success"]:
+                best = {"step": step, "success": ev["success_rate"], "state": snapshot()}
             point = {"env_steps": step, "eval_success": ev["success_rate"], "eval_return": ev["mean_return"],
                      "wall_s": time.perf_counter() - t_start}
             curve.append(point)
@@ -442,17 +472,26 @@ def train_rl(cfg: DictConfig, run_dir: Path, runner, device: torch.device, rcfg:
             print(f"[{tag}] {step}/{rcfg.total_steps} env steps: eval success {ev['success_rate']:.2f}, "
                   f"return {ev['mean_return']:.1f}, {fps:.0f} env steps/s, "
                   f"distill {learner.last_terms.get('distill_loss', float('nan')):.4f}")
-            replay = {f"replay.{k}": v for k, v in learner.replay.state_dict().items()} \
-                if learner.replay is not None else None
+            tensors = {f"replay.{k}": v for k, v in learner.replay.state_dict().items()} \
+                if learner.replay is not None else {}
+            extra: dict[str, Any] = {"curve": curve}
+            if best is not None:
+                tensors.update({f"best.{k}": v for k, v in best["state"].items()})
+                extra.update(best_step=best["step"], best_success=best["success"])
             save_train_state(state_dir, step, policy.actor_critic.state_dict(), learner.policy.optimizer,
-                             extra_tensors=replay, extra={"curve": curve})
+                             extra_tensors=tensors or None, extra=extra)
     finally:
         eval_venv.close()
         venv.close()
     train_wall = time.perf_counter() - t_start
+    meta: dict[str, Any] = {"env_steps": int(learner.num_timesteps), "method": tag}
+    if best is not None:
+        policy.actor_critic.load_state_dict(best["state"])
+        meta.update(selected_step=best["step"], selected_validation_success=best["success"])
+        print(f"[{tag}] keep_best: ending with the weights of env step {best['step']} "
+              f"(validation success {best['success']:.2f})")
     ckpt = policy.save_pretrained(run_dir / "checkpoint",
-                                  train_config=OmegaConf.to_container(cfg, resolve=True),
-                                  meta={"env_steps": int(learner.num_timesteps), "method": tag})
+                                  train_config=OmegaConf.to_container(cfg, resolve=True), meta=meta)
     print(f"[{tag}] checkpoint written to {ckpt}")
     policy.to("cpu").eval()
     report = runner.evaluate(policy, cfg.eval.episodes, cfg.eval.seed_start, num_envs=cfg.eval.num_envs,
@@ -460,6 +499,8 @@ def train_rl(cfg: DictConfig, run_dir: Path, runner, device: torch.device, rcfg:
                              video_episodes=cfg.eval.video_episodes)
     report.update(checkpoint=str(ckpt), env_steps=int(learner.num_timesteps), train_wall_s=train_wall,
                   curve=curve, method=tag)
+    if best is not None:
+        report.update(selected_step=best["step"], selected_validation_success=best["success"])
     logger.log(int(learner.num_timesteps), {"final/success_rate": report["success_rate"],
                                             "final/mean_return": report["mean_return"]})
     logger.close()

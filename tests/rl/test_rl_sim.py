@@ -265,3 +265,44 @@ def test_warmup_updates_are_not_cut_short_by_the_kl_early_stop():
     learner.learn(250, reset_num_timesteps=False)
     assert learner.last_terms["critic_warmup"] == 0.0 and learner._n_updates == 5
     venv.close()
+
+
+@pytest.mark.parametrize("scores", [[0.0, 0.0, 0.0, 0.0, 0.0], [0.2, 0.1, 0.6, 0.6, 0.3]])
+def test_keep_best_ends_with_the_best_validated_weights_across_a_resume(tmp_path, monkeypatch, scores):
+    """keep_best validates the start too and ends with the earliest best weights, also when the run was
+    stopped and resumed in between. Training is real PPO on ManiSkill; the validation scores are scripted
+    (the real ones are all 0 at this budget), and each validated state is recorded to compare against."""
+    import embodied_distill.sim.evaluation as evaluation
+
+    runner = ManiSkillRunner(TASK, sim_backend="cpu")
+    cfg = OmegaConf.create({"seed": 0, "resume": True, "eval": {"seed_start": 100_000, "episodes": 1,
+                                                                  "num_envs": 1, "video_episodes": 0}})
+    seen, real = [], evaluation.evaluate_policy
+
+    def scripted(policy, venv, episodes, seed_start, max_steps, **kw):
+        if seed_start == 110_000:  # a validation (the final evaluation runs on 100000+)
+            seen.append({k: v.clone() for k, v in policy.actor_critic.state_dict().items()})
+            return {"success_rate": scores[len(seen) - 1], "mean_return": 0.0}
+        return real(policy, venv, episodes, seed_start, max_steps, **kw)
+
+    monkeypatch.setattr(evaluation, "evaluate_policy", scripted)
+    for total in (500, 1000):  # stop at 500, resume to 1000
+        torch.manual_seed(0)
+        rcfg = RPDConfig(total_steps=total, n_steps=250, batch_size=125, eval_every=250, eval_episodes=1,
+                         keep_best=True, lr=1e-3)
+        policy = RLPolicy(student_config(rcfg, DS, DA, 1, -1.0, 1.0))
+        report = train_rl(cfg, tmp_path, runner, torch.device("cpu"), rcfg, policy,
+                          env_factory(runner, 1, None, 1.0, 2_000_000), None, 1, 1, "ppo")
+    assert len(seen) == 5  # the start, 250, 500 | resumed: 750, 1000
+    assert [p["env_steps"] for p in report["curve"]] == [0, 250, 500, 750, 1000]
+    pick = int(np.argmax(scores))  # the earliest best
+    assert report["selected_step"] == 250 * pick and report["selected_validation_success"] == scores[pick]
+    final = load_policy_state(tmp_path / "checkpoint")
+    assert all(torch.equal(final[k], seen[pick][k]) for k in seen[pick])
+    assert any(not torch.equal(seen[pick][k], seen[-1][k]) for k in seen[pick])  # not the last weights
+
+
+def load_policy_state(ckpt):
+    from embodied_distill.policies.base import load_policy
+
+    return {k: v for k, v in load_policy(ckpt)[0].actor_critic.state_dict().items()}
