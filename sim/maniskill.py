@@ -297,9 +297,9 @@ def _scripted_expert(env, task: str):
         expert = getattr(importlib.import_module(module), name)(u)
         return expert, "joint"
     if control != "pd_ee_delta_pose":
-        have = sorted(EXPERTS) + [f"{r}/{t}" for r, t in JOINT_EXPERTS]
+        joint = [f"{r}/{t}" for r, t in JOINT_EXPERTS]
         raise KeyError(f"no scripted expert for {robot} {task} under {control!r}; the pd_ee_delta_pose "
-                       f"experts are {sorted(EXPERTS)}, the joint-space ones {have[len(EXPERTS):]}")
+                       f"experts are {sorted(EXPERTS)}, the joint-space ones {joint}")
     if task not in EXPERTS:
         raise KeyError(f"no scripted expert for task {task!r}; experts exist for {sorted(EXPERTS)}")
     return partial(EXPERTS[task], u), "ee"

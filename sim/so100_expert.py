@@ -24,6 +24,7 @@ base frame; the TCP is the midpoint of the two jaw tips, as ManiSkill's ``SO100.
 from __future__ import annotations
 
 import numpy as np
+from embodied_distill.sim.maniskill import _pose
 
 ARM_JOINTS = 5
 GRIPPER_OPEN, GRIPPER_CLOSED = 0.0, -0.8  # joint targets (rad), as ManiSkill's SO-100 planner uses them
@@ -68,12 +69,12 @@ class SO100PickCubeExpert:
         self.jaw = names.index("Fixed_Jaw")
         limits = np.asarray(robot.get_qlimits().cpu().numpy()).reshape(-1, 2)[:ARM_JOINTS]
         self.low, self.high = limits[:, 0], limits[:, 1]
-        base = robot.pose
-        self.to_base = sapien.Pose(self._np(base.p), self._np(base.q)).inv()
+        self.to_base = sapien.Pose(*_pose(robot)).inv()
 
     @staticmethod
-    def _np(x) -> np.ndarray:
-        return np.asarray(x.cpu().numpy() if hasattr(x, "cpu") else x, np.float64).reshape(-1, x.shape[-1])[0]
+    def _joints(x) -> np.ndarray:
+        """The single env's (N,) joint vector from a (1, N) tensor."""
+        return np.asarray(x.cpu().numpy(), np.float64).reshape(-1)
 
     def _fk(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """TCP position (3,) and jaw rotation (3, 3) in the base frame."""
@@ -107,12 +108,12 @@ class SO100PickCubeExpert:
         import sapien
 
         u = self.u
-        q = self._np(u.agent.robot.get_qpos())
-        qvel = self._np(u.agent.robot.get_qvel())
+        q = self._joints(u.agent.robot.get_qpos())
+        qvel = self._joints(u.agent.robot.get_qvel())
         tcp, rot = self._fk(q)
-        cube = self.to_base * sapien.Pose(self._np(u.cube.pose.p), self._np(u.cube.pose.q))
+        cube = self.to_base * sapien.Pose(*_pose(u.cube))
         cube_p = np.asarray(cube.p, np.float64)
-        goal = np.asarray((self.to_base * sapien.Pose(self._np(u.goal_site.pose.p))).p, np.float64)
+        goal = np.asarray((self.to_base * sapien.Pose(_pose(u.goal_site)[0])).p, np.float64)
         grasped = bool(np.asarray(u.agent.is_grasping(u.cube).cpu()).reshape(-1)[0])
 
         grip = GRIPPER_OPEN

@@ -387,6 +387,16 @@ def make_learner_class():
 
 
 # ---------------------------------------------------------------------------- shared run loop
+def _prefix(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """Name a group of tensors inside the training state's flat ``extra_tensors``."""
+    return {f"{prefix}{k}": v for k, v in tensors.items()}
+
+
+def _unprefix(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The group :func:`_prefix` stored under ``prefix``, with its own names back."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def train_rl(cfg: DictConfig, run_dir: Path, runner, device: torch.device, rcfg: RPDConfig, policy,
              make_env, teacher, history: int, teacher_horizon: int, tag: str) -> dict[str, Any]:
     """Train ``policy.actor_critic`` with :class:`RPDPPO` on ``make_env()`` envs in chunks of
@@ -413,8 +423,7 @@ def train_rl(cfg: DictConfig, run_dir: Path, runner, device: torch.device, rcfg:
         policy.actor_critic.load_state_dict(resumed["model"])
         learner.policy.optimizer.load_state_dict(resumed["optimizer"])
         learner.num_timesteps = int(resumed["step"])
-        replay_state = {k[len("replay."):]: v for k, v in resumed["extra_tensors"].items()
-                        if k.startswith("replay.")}
+        replay_state = _unprefix(resumed["extra_tensors"], "replay.")
         if learner.replay is not None and replay_state:
             learner.replay.load_state_dict(replay_state)
         print(f"[{tag}] resuming from {state_dir} at env step {learner.num_timesteps}/{rcfg.total_steps} "
@@ -443,8 +452,7 @@ def train_rl(cfg: DictConfig, run_dir: Path, runner, device: torch.device, rcfg:
         if rcfg.keep_best and resumed is not None and "best_step" in resumed["extra"]:
             best = {"step": int(resumed["extra"]["best_step"]),
                     "success": float(resumed["extra"]["best_success"]),
-                    "state": {k[len("best."):]: v for k, v in resumed["extra_tensors"].items()
-                              if k.startswith("best.")}}
+                    "state": _unprefix(resumed["extra_tensors"], "best.")}
         elif rcfg.keep_best and learner.num_timesteps == 0:
             ev0 = validate()
             best = {"step": 0, "success": ev0["success_rate"], "state": snapshot()}
@@ -472,11 +480,10 @@ def train_rl(cfg: DictConfig, run_dir: Path, runner, device: torch.device, rcfg:
             print(f"[{tag}] {step}/{rcfg.total_steps} env steps: eval success {ev['success_rate']:.2f}, "
                   f"return {ev['mean_return']:.1f}, {fps:.0f} env steps/s, "
                   f"distill {learner.last_terms.get('distill_loss', float('nan')):.4f}")
-            tensors = {f"replay.{k}": v for k, v in learner.replay.state_dict().items()} \
-                if learner.replay is not None else {}
+            tensors = _prefix(learner.replay.state_dict(), "replay.") if learner.replay is not None else {}
             extra: dict[str, Any] = {"curve": curve}
             if best is not None:
-                tensors.update({f"best.{k}": v for k, v in best["state"].items()})
+                tensors.update(_prefix(best["state"], "best."))
                 extra.update(best_step=best["step"], best_success=best["success"])
             save_train_state(state_dir, step, policy.actor_critic.state_dict(), learner.policy.optimizer,
                              extra_tensors=tensors or None, extra=extra)

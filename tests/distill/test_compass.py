@@ -229,19 +229,42 @@ def _specialist(base: CompassPolicy, name: str, seed: int) -> ResidualPolicy:
     return spec.eval()
 
 
-def test_distillation_on_fixed_data_lowers_the_kl_to_each_specialist(tmp_path):
-    robots = {k: ROBOTS[k] for k in ("panda", "so100")}
-    base = _policy(robots, seed=0).eval()
+def _specialist_data(base: CompassPolicy, robots: dict, log_std: dict[str, float] | None = None) -> dict:
+    """Fixed distillation data: 400 states per robot (uniform in its normalised range) with the Gaussian
+    of a real residual specialist on ``base`` (its log std set per robot from ``log_std`` if given)."""
     rng = np.random.default_rng(0)
     data = {}
     for i, (name, (ds, _)) in enumerate(robots.items()):
         spec = _specialist(base, name, seed=10 + i)
+        if log_std is not None:
+            with torch.no_grad():
+                spec.actor_critic.log_std.fill_(log_std[name])
         p = base.normalizer.params[f"state/{name}"]
-        states = (
-            torch.as_tensor(rng.uniform(-1, 1, (400, ds)), dtype=torch.float32) / p["scale"] + p["offset"]
-        )
+        states = torch.as_tensor(rng.uniform(-1, 1, (400, ds)), dtype=torch.float32)
+        states = states / p["scale"] + p["offset"]
         mean, std = specialist_gaussian(spec, states)
         data[name] = {"state": states.numpy(), "mean": mean.numpy(), "std": std.numpy()}
+    return data
+
+
+def _kl_per_robot(pol: CompassPolicy, ccfg: CompassConfig, data: dict) -> dict[int, float]:
+    """KL(specialist || pol) on each robot's share of ``data``, keyed by embodiment index."""
+    from embodied_distill.distill.compass import distill_data
+
+    out = {}
+    for e, part in enumerate(distill_data(pol, ccfg, data).parts):
+        with torch.no_grad():
+            mean, log_std = pol.distribution(part["state"], part["embodiment"])
+            mask = pol.action_mask(part["embodiment"])
+            out[e] = float(generalist_loss("kl", mean, log_std, part["teacher_mean"], part["teacher_log_std"],
+                                           mask))
+    return out
+
+
+def test_distillation_on_fixed_data_lowers_the_kl_to_each_specialist(tmp_path):
+    robots = {k: ROBOTS[k] for k in ("panda", "so100")}
+    base = _policy(robots, seed=0).eval()
+    data = _specialist_data(base, robots)
     ccfg = CompassConfig(
         embodiments=[{"name": n, "robot_uids": n} for n in robots],
         epochs=40,
@@ -258,30 +281,9 @@ def test_distillation_on_fixed_data_lowers_the_kl_to_each_specialist(tmp_path):
     cfg = OmegaConf.create({"seed": 0, "resume": True})
     torch.manual_seed(1)
     before = type(base)(base.config, base.normalizer).eval()  # a fresh network, as fit_generalist starts from
-
-    def kl_per_robot(pol):
-        from embodied_distill.distill.compass import distill_data
-
-        ds = distill_data(pol, ccfg, data)
-        out = {}
-        for e, part in enumerate(ds.parts):
-            with torch.no_grad():
-                mean, log_std = pol.distribution(part["state"], part["embodiment"])
-                out[e] = float(
-                    generalist_loss(
-                        "kl",
-                        mean,
-                        log_std,
-                        part["teacher_mean"],
-                        part["teacher_log_std"],
-                        pol.action_mask(part["embodiment"]),
-                    )
-                )
-        return out
-
-    start = kl_per_robot(before)
+    start = _kl_per_robot(before, ccfg, data)
     student = fit_generalist(cfg, ccfg, base, None, data, tmp_path / "gen", torch.device("cpu"))
-    end = kl_per_robot(student.eval())
+    end = _kl_per_robot(student.eval(), ccfg, data)
     print("KL to each specialist before / after:", start, end)
     for e in start:
         assert end[e] < 0.2 * start[e], (start, end)
@@ -295,19 +297,10 @@ def test_std_per_embodiment_fits_robots_that_explore_at_different_scales(tmp_pat
     to the narrow robot stays high; one std row per robot learns each robot's own std and fits both."""
     robots = {k: ROBOTS[k] for k in ("panda", "so100")}
     base = _policy(robots, seed=0).eval()
-    rng = np.random.default_rng(0)
-    data, teacher_log_std = {}, {}
-    for i, (name, (ds, _)) in enumerate(robots.items()):
-        spec = _specialist(base, name, seed=10 + i)
-        with torch.no_grad():
-            spec.actor_critic.log_std.fill_(-4.0 if name == "panda" else 0.0)
-        p = base.normalizer.params[f"state/{name}"]
-        states = torch.as_tensor(rng.uniform(-1, 1, (400, ds)), dtype=torch.float32)
-        states = states / p["scale"] + p["offset"]
-        mean, std = specialist_gaussian(spec, states)
-        data[name] = {"state": states.numpy(), "mean": mean.numpy(), "std": std.numpy()}
-        scale = base.normalizer.params[f"action/{name}"]["scale"]
-        teacher_log_std[name] = float((std[0] * scale).log().mean())  # normalised units, as distilled
+    data = _specialist_data(base, robots, log_std={"panda": -4.0, "so100": 0.0})
+    scales = {name: base.normalizer.params[f"action/{name}"]["scale"] for name in robots}
+    teacher_log_std = {name: float((torch.as_tensor(d["std"][0]) * scales[name]).log().mean())
+                       for name, d in data.items()}  # normalised units, as distilled
     optim = {"lr": 1e-2, "weight_decay": 0.0, "warmup_steps": 10, "batch_size": 64, "grad_clip": 1.0,
              "log_every": 50, "checkpoint_every": 1000}
     cfg = OmegaConf.create({"seed": 0, "resume": False})
@@ -316,16 +309,7 @@ def test_std_per_embodiment_fits_robots_that_explore_at_different_scales(tmp_pat
         ccfg = CompassConfig(embodiments=[{"name": n, "robot_uids": n} for n in robots], epochs=60,
                              optim=optim, policy={"std_per_embodiment": per_robot})
         pol = fit_generalist(cfg, ccfg, base, None, data, tmp_path / f"gen{per_robot}", torch.device("cpu"))
-        fitted[per_robot] = pol
-        from embodied_distill.distill.compass import distill_data
-
-        kl[per_robot] = {}
-        for e, part in enumerate(distill_data(pol, ccfg, data).parts):
-            with torch.no_grad():
-                mean, log_std = pol.distribution(part["state"], part["embodiment"])
-                mask = pol.action_mask(part["embodiment"])
-                kl[per_robot][e] = float(generalist_loss("kl", mean, log_std, part["teacher_mean"],
-                                                         part["teacher_log_std"], mask))
+        fitted[per_robot], kl[per_robot] = pol, _kl_per_robot(pol, ccfg, data)
     print("KL per robot, global / per-robot std:", kl, "teacher log std:", teacher_log_std,
           "rows:", fitted[True].log_std.detach(), "global:", fitted[False].log_std.detach())
     assert fitted[False].log_std.shape == (7,) and fitted[True].log_std.shape == (2, 7)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from embodied_distill.policies.base import build_policy
+from embodied_distill.policies.base import build_policy, load_policy
 from embodied_distill.policies.rl.modeling_rl import RLPolicy
 from embodied_distill.sim.evaluation import evaluate_policy
 from embodied_distill.sim.maniskill import ManiSkillRunner, make_single_env
@@ -297,12 +297,6 @@ def test_keep_best_ends_with_the_best_validated_weights_across_a_resume(tmp_path
     assert [p["env_steps"] for p in report["curve"]] == [0, 250, 500, 750, 1000]
     pick = int(np.argmax(scores))  # the earliest best
     assert report["selected_step"] == 250 * pick and report["selected_validation_success"] == scores[pick]
-    final = load_policy_state(tmp_path / "checkpoint")
+    final = load_policy(tmp_path / "checkpoint")[0].actor_critic.state_dict()
     assert all(torch.equal(final[k], seen[pick][k]) for k in seen[pick])
     assert any(not torch.equal(seen[pick][k], seen[-1][k]) for k in seen[pick])  # not the last weights
-
-
-def load_policy_state(ckpt):
-    from embodied_distill.policies.base import load_policy
-
-    return {k: v for k, v in load_policy(ckpt)[0].actor_critic.state_dict().items()}
