@@ -119,16 +119,45 @@ def check_teacher(run: Path, ckpt: Path) -> None:
                          "another --name")
 
 
+def _parent(run: Path, common: Path) -> Path | None:
+    """The finished run that ``run`` continued from: the one its ``continued_from`` file names, else (runs
+    made before that file existed) the common-budget run; None for the common-budget run itself."""
+    link = run / "continued_from"
+    if link.exists():  # empty: a longer run that found nothing to continue and started fresh
+        return Path(link.read_text().strip()) if link.read_text().strip() else None
+    return common if run != common and (common / "report.json").exists() else None
+
+
+def _longest_shorter(work: Path, task: str, method: str, seed: int, budget: dict, steps: int) -> Path | None:
+    """The longest finished run of this task, method, seed (and RPD overrides) with fewer than ``steps`` env
+    steps and a training state to continue from; None when there is none."""
+    found = []
+    common = run_dir(work, task, method, seed, {**budget, f"{method}_steps": None})
+    if budget["steps"] < steps:
+        found.append((budget["steps"], common))
+    stem = common.name[: -len(f"_seed{seed}")]
+    for d in common.parent.glob(f"{stem}-*steps_seed{seed}"):
+        n = d.name[len(stem) + 1: -len(f"steps_seed{seed}")]
+        if n.isdigit() and int(n) < steps:
+            found.append((int(n), d))
+    found = [(n, d) for n, d in found if (d / "report.json").exists() and (d / "train_state").is_dir()]
+    return max(found)[1] if found else None
+
+
 def train_run(task: str, method: str, seed: int, ckpt: Path, work: Path, budget: dict) -> dict:
     run = run_dir(work, task, method, seed, budget)
     steps = method_steps(budget, method)
-    # a longer PPO run continues the finished common-budget run (its atomic training state: weights,
-    # optimiser, obs statistics, RNG, curve), exactly as a crash resume would, instead of redoing it
-    base = run_dir(work, task, method, seed, {**budget, f"{method}_steps": None})
-    cont = steps > budget["steps"] and (base / "report.json").exists() and (base / "train_state").is_dir()
+    common = run_dir(work, task, method, seed, {**budget, f"{method}_steps": None})
     if not (run / "report.json").exists():
+        # a longer run continues the longest finished shorter run of the same method and seed (its atomic
+        # training state: weights, optimiser, obs statistics, RPD's replay, RNG), exactly as a crash resume
+        # would, instead of redoing it; ``continued_from`` records which, for the curve below
+        base = _longest_shorter(work, task, method, seed, budget, steps)
+        cont = base is not None
         if cont and not (run / "train_state").exists():
             shutil.copytree(base / "train_state", run / "train_state")
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "continued_from").write_text(str(base) if cont else "")
         distill = "residual_rl" if method == "residual_rl" else "rpd"
         teach = ["teacher=none"] if method == "ppo" else ["teacher=checkpoint", f"teacher.path={ckpt}"]
         extra = [f"distill.{kv}" for kv in rpd_overrides(budget, task)] if method == "rpd" else []
@@ -145,16 +174,20 @@ def train_run(task: str, method: str, seed: int, ckpt: Path, work: Path, budget:
     if int(rep["env_steps"]) != steps:
         raise SystemExit(f"{run} holds a {rep['env_steps']}-step run, not {steps}: a finished run is "
                          "reused only at its own budget (another --name, or --ppo-steps / --rpd-steps)")
-    curve = rep["curve"]
-    if cont:  # states saved before the curve travelled with them: take the first part from the base run
-        first = json.loads((base / "report.json").read_text())
-        curve = first["curve"] + [p for p in curve if p["env_steps"] > first["curve"][-1]["env_steps"]]
-        rep["train_wall_s"] += first["train_wall_s"]
+    # the whole curve and training time along the chain of continuations (states saved before the curve
+    # travelled with them hold only their own part of it)
+    chain, cur = [], run
+    while cur is not None:
+        chain.insert(0, json.loads((cur / "report.json").read_text()))
+        cur = _parent(cur, common)
+    curve: list[dict] = []
+    for r in chain:
+        curve += [p for p in r["curve"] if not curve or p["env_steps"] > curve[-1]["env_steps"]]
     reach = next((p["env_steps"] for p in curve if p["eval_success"] >= TARGET), None)
     return {"task": task, "method": method, "seed": seed, "final_success": rep["success_rate"],
             "final_episodes": rep["episodes"], "final_return": rep["mean_return"], "steps_to_0.8": reach,
-            "env_steps": rep["env_steps"], "train_wall_s": rep["train_wall_s"], "curve": curve,
-            "run_dir": str(run)}
+            "env_steps": rep["env_steps"], "train_wall_s": sum(r["train_wall_s"] for r in chain),
+            "curve": curve, "run_dir": str(run)}
 
 
 def summarize(runs: list[dict], teachers: dict, budget: dict) -> tuple[list[dict], str]:
@@ -255,13 +288,13 @@ def main() -> None:
                          "TASK:KEY=VALUE for one task")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each single-threaded)")
     ap.add_argument("--ppo-steps", type=int, default=None,
-                    help="a longer budget for PPO alone (continues finished --steps runs), to bound PPO's "
-                         "steps to 0.8 when it does not get there within the common budget")
+                    help="a longer budget for PPO alone (continues the longest shorter finished run), to "
+                         "bound PPO's steps to 0.8 when it does not get there within the common budget")
     ap.add_argument("--rpd-steps", type=int, default=None,
-                    help="a longer budget for RPD alone (continues finished --steps runs), e.g. to see "
-                         "whether it passes its teacher given more steps")
+                    help="a longer budget for RPD alone (continues the longest shorter finished run), "
+                         "e.g. to see whether it passes its teacher given more steps")
     ap.add_argument("--residual-steps", type=int, default=None,
-                    help="a longer budget for residual RL alone (continues finished --steps runs)")
+                    help="a longer budget for residual RL alone (continues the longest shorter finished run)")
     ap.add_argument("--teacher-pickcube", default=None, help="teacher checkpoint dir (else trained here)")
     ap.add_argument("--teacher-pushcube", default=None)
     ap.add_argument("--stop-after-s", type=float, default=None, help="start no new run after this many s")
