@@ -470,8 +470,9 @@ def train_generalist(cfg: DictConfig, ccfg: CompassConfig, base, spec_dir: Path,
 def evaluate_all(cfg: DictConfig, ccfg: CompassConfig, run_dir: Path) -> dict[str, Any]:
     """Success of base / specialist / generalist on every embodiment, on the same unseen seeds
     (``eval.seed_start``, ``eval.episodes``). Policies not trained yet are skipped (listed in
-    ``missing``). Each evaluation is cached in ``eval/<policy>_<embodiment>.json``; a specialist's own
-    final evaluation (``specialists/<name>/report.json``) is reused when it ran on the same seeds."""
+    ``missing``). Each evaluation is cached in ``eval/<policy>_<embodiment>.json`` and reused on the same
+    seeds only; a specialist's own final evaluation (``specialists/<name>/report.json``) is reused when it
+    ran on the same seeds."""
     from embodied_distill.sim.evaluation import summarize
 
     episodes, seed_start = int(cfg.eval.episodes), int(cfg.eval.seed_start)
@@ -485,6 +486,8 @@ def evaluate_all(cfg: DictConfig, ccfg: CompassConfig, run_dir: Path) -> dict[st
         for who in ("base", "specialist", "generalist"):
             path = run_dir / "eval" / f"{who}_{emb.name}.json"
             own = run_dir / "specialists" / emb.name / "report.json"
+            if path.exists() and json.loads(path.read_text()).get("seeds") != seeds:
+                path.unlink()  # cached on other seeds (another eval.episodes / seed_start): evaluate again
             if not path.exists() and who == "specialist" and own.exists() and \
                     json.loads(own.read_text()).get("seeds") == seeds:
                 path.parent.mkdir(parents=True, exist_ok=True)

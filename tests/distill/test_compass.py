@@ -418,6 +418,14 @@ def test_cli_compass_tiny_budget_runs_all_stages(tmp_path):
     scales = {r: load_policy(run / "specialists" / r / "checkpoint")[0].config.residual_scale
               for r in ("panda", "so100")}
     assert scales == {"panda": 0.25, "so100": 0.05}
+    # evaluating again on more seeds does not reuse the cached 2-episode evaluations
+    more = [a for a in args if not a.startswith("eval.episodes=")] + ["eval.episodes=3",
+                                                                      "distill.stages=[evaluate]"]
+    out = _cli(tmp_path, *more)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((run / "report.json").read_text())
+    for row in report["per_embodiment"].values():
+        assert {who: r["episodes"] for who, r in row.items()} == dict.fromkeys(row, 3)
 
 
 def test_actions_relative_to_the_joint_positions_round_trip():
