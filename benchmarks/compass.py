@@ -2,8 +2,8 @@
 
     python benchmarks/compass.py [--quick] [--stage all|base|specialists|generalist|evaluate]
                                  [--only NAME ...] [--out DIR] [--demos ROBOT=N ...] [--name NAME]
-                                 [--specialist-steps N] [--dagger-rounds K] [--std-per-embodiment]
-                                 [--episodes N] [--seed S]
+                                 [--specialist-steps N] [--dagger-rounds K] [--episodes N] [--seed S]
+                                 [--std-per-embodiment | --global-std]
 
 Runs ``embodied_distill/distill/compass.py`` (the ``configs/distill/compass.yaml`` embodiments: panda with
 pd_ee_delta_pose and its scripted expert, so100 with pd_joint_pos and its joint-space scripted expert in
@@ -193,8 +193,11 @@ def main() -> None:
                     help="env steps per residual-RL specialist instead of the preset's (30000)")
     ap.add_argument("--dagger-rounds", type=int, default=None, metavar="K",
                     help="generalist DAgger rounds instead of the preset's (3)")
-    ap.add_argument("--std-per-embodiment", action="store_true",
-                    help="generalist with one learnable std per robot instead of COMPASS's global one")
+    std = ap.add_mutually_exclusive_group()
+    std.add_argument("--std-per-embodiment", action="store_true",
+                     help="generalist with one learnable std per robot (the config's default)")
+    std.add_argument("--global-std", action="store_true",
+                     help="generalist with COMPASS's single global learnable std")
     ap.add_argument("--episodes", type=int, default=None, metavar="N",
                     help="evaluation episodes per policy and robot instead of the preset's (200)")
     ap.add_argument("--seed", type=int, default=0, help="training seed (base, specialists, generalist); the "
@@ -224,7 +227,8 @@ def main() -> None:
     name = args.name or ("compass_quick" if args.quick else "compass")
     run_dir = REPO_ROOT / "outputs" / "benchmarks" / name
     stages = list(STAGES) if args.stage == "all" else [args.stage]
-    extra = ("distill.policy.std_per_embodiment=true",) if args.std_per_embodiment else ()
+    extra = ("distill.policy.std_per_embodiment=true",) if args.std_per_embodiment else \
+        ("distill.policy.std_per_embodiment=false",) if args.global_std else ()
     cfg, overrides = compose(preset, stages, args.only, run_dir, args.seed, extra)
     demos = dict(item.split("=", 1) for item in args.demos)
     from omegaconf import open_dict
