@@ -505,7 +505,10 @@ def evaluate_all(cfg: DictConfig, ccfg: CompassConfig, run_dir: Path) -> dict[st
             rep = json.loads(path.read_text())
             keys = ("success_rate", "success_once_rate", "success_stderr", "episodes", "mean_return",
                     "selected_step")  # selected_step: a keep_best specialist's chosen weights
-            table[emb.name][who] = {k: rep[k] for k in keys if k in rep}
+            if who == "specialist" and "selected_step" not in rep and own.exists():
+                # evaluated here on other seeds than its own report's: keep_best's choice is still that one
+                rep["selected_step"] = json.loads(own.read_text()).get("selected_step")
+            table[emb.name][who] = {k: rep[k] for k in keys if rep.get(k) is not None}
             if who == "generalist":
                 generalist_episodes += rep["per_episode"]
         print(f"[compass] {emb.name}: " + ", ".join(f"{w} {r['success_rate']:.2f}"
