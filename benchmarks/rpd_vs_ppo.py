@@ -124,17 +124,16 @@ def _parent(run: Path, common: Path) -> Path | None:
     made before that file existed) the common-budget run; None for the common-budget run itself."""
     link = run / "continued_from"
     if link.exists():  # empty: a longer run that found nothing to continue and started fresh
-        return Path(link.read_text().strip()) if link.read_text().strip() else None
+        text = link.read_text().strip()
+        return Path(text) if text else None
     return common if run != common and (common / "report.json").exists() else None
 
 
-def _longest_shorter(work: Path, task: str, method: str, seed: int, budget: dict, steps: int) -> Path | None:
-    """The longest finished run of this task, method, seed (and RPD overrides) with fewer than ``steps`` env
-    steps and a training state to continue from; None when there is none."""
-    found = []
-    common = run_dir(work, task, method, seed, {**budget, f"{method}_steps": None})
-    if budget["steps"] < steps:
-        found.append((budget["steps"], common))
+def _longest_shorter(common: Path, common_steps: int, seed: int, steps: int) -> Path | None:
+    """The longest finished run beside ``common`` (the common-budget run of one task, method, seed and RPD
+    overrides, ``common_steps`` long) with fewer than ``steps`` env steps and a training state to continue
+    from; None when there is none."""
+    found = [(common_steps, common)] if common_steps < steps else []
     stem = common.name[: -len(f"_seed{seed}")]
     for d in common.parent.glob(f"{stem}-*steps_seed{seed}"):
         n = d.name[len(stem) + 1: -len(f"steps_seed{seed}")]
@@ -152,7 +151,7 @@ def train_run(task: str, method: str, seed: int, ckpt: Path, work: Path, budget:
         # a longer run continues the longest finished shorter run of the same method and seed (its atomic
         # training state: weights, optimiser, obs statistics, RPD's replay, RNG), exactly as a crash resume
         # would, instead of redoing it; ``continued_from`` records which, for the curve below
-        base = _longest_shorter(work, task, method, seed, budget, steps)
+        base = _longest_shorter(common, budget["steps"], seed, steps)
         cont = base is not None
         if cont and not (run / "train_state").exists():
             shutil.copytree(base / "train_state", run / "train_state")

@@ -484,30 +484,28 @@ def evaluate_all(cfg: DictConfig, ccfg: CompassConfig, run_dir: Path) -> dict[st
     for emb in ccfg.embodiments:
         runner, table[emb.name] = make_runner(cfg, emb), {}
         for who in ("base", "specialist", "generalist"):
-            path = run_dir / "eval" / f"{who}_{emb.name}.json"
-            own = run_dir / "specialists" / emb.name / "report.json"
-            if path.exists() and json.loads(path.read_text()).get("seeds") != seeds:
-                path.unlink()  # cached on other seeds (another eval.episodes / seed_start): evaluate again
-            if not path.exists() and who == "specialist" and own.exists() and \
-                    json.loads(own.read_text()).get("seeds") == seeds:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(own.read_text())
-            if not path.exists():
-                if who == "specialist" and not (run_dir / "specialists" / emb.name / "checkpoint").exists() \
-                        or who != "specialist" and who not in shared:
+            path, spec_dir = run_dir / "eval" / f"{who}_{emb.name}.json", run_dir / "specialists" / emb.name
+            own = json.loads((spec_dir / "report.json").read_text()) \
+                if who == "specialist" and (spec_dir / "report.json").exists() else None
+            rep = json.loads(path.read_text()) if path.exists() else None
+            if rep is None or rep.get("seeds") != seeds:  # not cached, or cached on other seeds
+                rep = own if own is not None and own.get("seeds") == seeds else None
+                trained = (spec_dir / "checkpoint").exists() if who == "specialist" else who in shared
+                if rep is None and not trained:
                     missing.append(f"{who}/{emb.name}")
                     continue
-                policy = (load_specialist(run_dir / "specialists", emb.name) if who == "specialist"
-                          else shared[who].as_embodiment(emb.name))
-                rep = runner.evaluate(policy.eval(), episodes, seed_start, num_envs=int(cfg.eval.num_envs))
+                if rep is None:
+                    policy = (load_specialist(run_dir / "specialists", emb.name) if who == "specialist"
+                              else shared[who].as_embodiment(emb.name))
+                    rep = runner.evaluate(policy.eval(), episodes, seed_start,
+                                          num_envs=int(cfg.eval.num_envs))
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(rep))
-            rep = json.loads(path.read_text())
             keys = ("success_rate", "success_once_rate", "success_stderr", "episodes", "mean_return",
                     "selected_step")  # selected_step: a keep_best specialist's chosen weights
-            if who == "specialist" and "selected_step" not in rep and own.exists():
+            if own is not None and "selected_step" not in rep:
                 # evaluated here on other seeds than its own report's: keep_best's choice is still that one
-                rep["selected_step"] = json.loads(own.read_text()).get("selected_step")
+                rep["selected_step"] = own.get("selected_step")
             table[emb.name][who] = {k: rep[k] for k in keys if rep.get(k) is not None}
             if who == "generalist":
                 generalist_episodes += rep["per_episode"]
