@@ -167,7 +167,15 @@ def table(report: dict, times: dict, preset: dict, name: str, demos_cfg, default
         f"| **mean** | | | | | {m.get('base', float('nan')):.2f} | {m.get('specialist', float('nan')):.2f} "
         f"| {m.get('generalist', float('nan')):.2f} | |"
     )
+    once = "; ".join(
+        f"{name} " + " / ".join(f"{r[w]['success_once_rate']:.2f}" if "success_once_rate" in r.get(w, {})
+                                else "—" for w in ("base", "specialist", "generalist"))
+        for name, r in rows.items())
     lines += [
+        "",
+        "Success at any step instead of at the end (ManiSkill success_once; base / specialist / generalist): "
+        f"{once}. The gap is the episodes where the cube reached the goal with the arm still but the "
+        "episode did not end that way.",
         "",
         f"Targets: {json.dumps(report.get('targets', {}))}",
         "",

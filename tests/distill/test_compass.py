@@ -481,3 +481,35 @@ def test_benchmark_stage_times_survive_pieces_that_run_at_once(tmp_path):
 def _add_times(add, path, key):
     for _ in range(40):
         add(path, key, 1.0)
+
+
+def test_benchmark_table_reports_success_at_any_step():
+    """The benchmark table gives each robot's success_once beside the success at the end (the so100's
+    policies reach the goal far more often than they end there), and a dash where a policy is missing."""
+    import dataclasses
+    import importlib.util
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from embodied_distill.distill.compass import Embodiment
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "compass.py"
+    spec = importlib.util.spec_from_file_location("bench_compass_table", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def rates(end, once):
+        return {"success_rate": end, "success_once_rate": once, "success_stderr": 0.02}
+
+    report = {"per_embodiment": {"panda": {"base": rates(0.7, 0.75), "specialist": rates(0.9, 0.9),
+                                           "generalist": rates(0.85, 0.875)},
+                                 "so100": {"base": rates(0.15, 0.36), "specialist": rates(0.1, 0.31)}},
+              "embodiments": [dataclasses.asdict(Embodiment("panda", "panda")),
+                              dataclasses.asdict(Embodiment("so100", "so100", "pd_joint_pos"))],
+              "mean_success": {"base": 0.425, "specialist": 0.5}, "targets": {}}
+    md = bench.table(report, {"base": 10.0}, bench.FULL, "t", OmegaConf.create({"noise_std": 0.3,
+                                                                                "noise_prob": 0.3}),
+                     0.25, True, True)
+    assert "(ManiSkill success_once; base / specialist / generalist): panda 0.75 / 0.90 / 0.88; so100 " \
+        "0.36 / 0.31 / —." in md
