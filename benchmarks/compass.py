@@ -3,19 +3,20 @@
     python benchmarks/compass.py [--quick] [--stage all|base|specialists|generalist|evaluate]
                                  [--only NAME ...] [--out DIR] [--demos ROBOT=N ...] [--name NAME]
                                  [--specialist-steps N] [--dagger-rounds K] [--episodes N] [--seed S]
+                                 [--base-dagger ROBOT=K ...]
                                  [--std-per-embodiment | --global-std]
 
 Runs ``embodied_distill/distill/compass.py`` (the ``configs/distill/compass.yaml`` embodiments: panda with
 pd_ee_delta_pose and its scripted expert, so100 with pd_joint_pos and its joint-space scripted expert in
 sim/so100_expert.py) with the budgets below, in ``outputs/benchmarks/<name>`` (default
 ``compass[_quick]``). ``--demos panda=15`` replaces a robot's demo count (a weaker IL base leaves room
-for the 2x target). Every stage resumes from
-what is already there, so on a shared CPU run it in pieces (``--stage base``, ``--stage specialists
---only panda``, ..., ``--stage evaluate``; the two specialists may run at once); the wall time of every
-piece is accumulated in ``stage_times.json``. Success (ManiSkill's success flag at the last step of a full
-episode) of the IL base, each specialist and the generalist is measured on the same ``episodes`` unseen
-seeds (100000+) per embodiment. Targets (issue 8): generalist >= 90% of each specialist on its own
-robot, and >= 2x the IL base's mean success.
+for the 2x target); ``--base-dagger so100=3`` adds DAgger rounds to a robot's IL base. Every stage
+resumes from what is already there, so on a shared CPU run it in pieces (``--stage base``,
+``--stage specialists --only panda``, ..., ``--stage evaluate``; the two specialists may run at once);
+the wall time of every piece is accumulated in ``stage_times.json``. Success (ManiSkill's success flag
+at the last step of a full episode) of the IL base, each specialist and the generalist is measured on
+the same ``episodes`` unseen seeds (100000+) per embodiment. Targets (issue 8): generalist >= 90% of
+each specialist on its own robot, and >= 2x the IL base's mean success.
 """
 
 from __future__ import annotations
@@ -158,7 +159,9 @@ def table(report: dict, times: dict, preset: dict, name: str, demos_cfg, default
         robot = Embodiment(**e)  # the same fallbacks the base stage used
         n_demos, (std, prob) = robot.demo_count(preset["demos"]), robot.demo_noise(demos_cfg)
         lines.append(
-            f"| {name} | {e['control_mode']} | {n_demos} ({e['expert']}, {std} x {prob}) | "
+            f"| {name} | {e['control_mode']} | {n_demos} ({e['expert']}, {std} x {prob})"
+            + (f" + {robot.base_dagger_rounds} DAgger rounds x {robot.base_dagger_episodes} episodes"
+               if robot.base_dagger_rounds else "") + " | "
             f"{e['max_episode_steps']} | {robot.residual_scale or default_scale} | "
             f"{cell(r, 'base')} | {cell(r, 'specialist')} | {cell(r, 'generalist')} | {ratio} |"
         )
@@ -196,6 +199,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--demos", nargs="*", default=[], metavar="ROBOT=N",
                     help="demo count per robot instead of the config's (e.g. panda=15: a weaker IL base)")
+    ap.add_argument("--base-dagger", nargs="*", default=[], metavar="ROBOT=K",
+                    help="K DAgger rounds for that robot's IL base (the scripted expert labels the states "
+                         "the base reaches; distill.embodiments.*.base_dagger_rounds)")
     ap.add_argument("--name", default=None, help="results and run-dir name (default compass[_quick])")
     ap.add_argument("--specialist-steps", type=int, default=None, metavar="N",
                     help="env steps per residual-RL specialist instead of the preset's (30000)")
@@ -241,13 +247,16 @@ def main() -> None:
     demos = dict(item.split("=", 1) for item in args.demos)
     from omegaconf import open_dict
 
+    dagger = dict(item.split("=", 1) for item in args.base_dagger)
     with open_dict(cfg):
-        for emb in cfg.distill.embodiments:  # per-robot demo counts (the base stage reads them)
+        for emb in cfg.distill.embodiments:  # per-robot demo counts and DAgger rounds (the base stage)
             if emb.name in demos:
                 emb.demos = int(demos.pop(emb.name))
-    if demos:
-        ap.error(f"--demos names unknown robots {sorted(demos)}")
-    overrides += [f"--demos {item}" for item in args.demos]
+            if emb.name in dagger:
+                emb.base_dagger_rounds = int(dagger.pop(emb.name))
+    if demos or dagger:
+        ap.error(f"--demos / --base-dagger name unknown robots {sorted({**demos, **dagger})}")
+    overrides += [f"--demos {item}" for item in args.demos] + [f"--base-dagger {i}" for i in args.base_dagger]
     run_dir.mkdir(parents=True, exist_ok=True)
     times_path = run_dir / "stage_times.json"
     t0 = time.perf_counter()

@@ -79,6 +79,12 @@ class Embodiment:
     action_relative_to_state: bool = False
     """The policy predicts the action as an offset from the first Da state features (the joint positions):
     for absolute joint-position control, where BC on the absolute targets is too coarse to grasp."""
+    base_dagger_rounds: int = 0
+    """DAgger rounds for the IL base on this robot: the base acts, the scripted expert labels every state
+    it visits, and the base is refit on the demos plus all labelled rows (needs ``expert: scripted``, a
+    state feedback law; 0: behaviour cloning on the demos only)."""
+    base_dagger_episodes: int = 30
+    """Base rollouts of this robot per DAgger round."""
     residual_scale: float | None = None
     """This robot's specialist residual scale (env action units per unit of residual). None:
     ``distill.specialist.residual_scale``. Joint-position robots need a smaller one than an end-effector
@@ -96,6 +102,12 @@ class Embodiment:
                 self.demo_noise_prob is not None and not 0 <= self.demo_noise_prob <= 1:
             raise ValueError(f"embodiment {self.name!r}: demo_noise_std must be >= 0 and demo_noise_prob "
                              "in [0, 1]")
+        if self.base_dagger_rounds < 0 or self.base_dagger_episodes < 1:
+            raise ValueError(f"embodiment {self.name!r}: base_dagger_rounds must be >= 0 and "
+                             "base_dagger_episodes >= 1")
+        if self.base_dagger_rounds and self.expert != "scripted":
+            raise ValueError(f"embodiment {self.name!r}: base DAgger needs a reactive expert to label the "
+                             f"states the base reaches (expert: scripted), not {self.expert!r}")
         if self.residual_scale is not None and not 0.0 < self.residual_scale <= 2.0:
             raise ValueError(f"embodiment {self.name!r}: residual_scale must be in (0, 2], "
                              f"got {self.residual_scale}")
@@ -294,21 +306,61 @@ def build_policy_from(ccfg: CompassConfig, dims: dict[str, tuple[int, int]], nor
 
 
 def train_base(cfg: DictConfig, ccfg: CompassConfig, out: Path, device: torch.device):
+    """One BC base on every robot's demos; then, for robots with ``base_dagger_rounds``, DAgger rounds
+    (the base acts, the scripted expert labels, refit on everything so far). Each round's rows
+    (``dagger<k>.npz``) and fit (``round<k>/``) are kept, so an interrupted stage resumes."""
     ckpt = out / "checkpoint"
     if (ckpt / "meta.json").exists():
         return load_policy(ckpt)[0]
-    demos = load_demos(cfg, ccfg)
-    dims = {n: (v["state"].shape[-1], v["action"].shape[-1]) for n, v in demos.items()}
+    data = load_demos(cfg, ccfg)
+    dims = {n: (v["state"].shape[-1], v["action"].shape[-1]) for n, v in data.items()}
     relative = {e.name: e.action_relative_to_state for e in ccfg.embodiments}
     stats = {}
-    for name, v in demos.items():
+    for name, v in data.items():  # the normaliser comes from the demos alone and stays fixed
         stats[f"state/{name}"] = v["state"]
         stats[f"action/{name}"] = v["action"] - (v["state"][:, : dims[name][1]] if relative[name] else 0.0)
     normalizer = Normalizer.fit(stats, mode="limits", eps=0.01)
+    rounds = max(e.base_dagger_rounds for e in ccfg.embodiments)
+    policy, meta = None, {"stage": "base", "dims": dims}
+    for k in range(rounds + 1):
+        if k > 0:
+            path = out / f"dagger{k}.npz"
+            if not path.exists():
+                rows = {}
+                for emb in ccfg.embodiments:
+                    if emb.base_dagger_rounds < k:
+                        continue
+                    rec = make_runner(cfg, emb).label_rollouts(
+                        policy.as_embodiment(emb.name).eval(), emb.base_dagger_episodes,
+                        3_000_000 + 100_000 * k + 10_000 * int(cfg.seed))
+                    print(f"[compass] base DAgger round {k}, {emb.name}: the base succeeded in "
+                          f"{rec['successes']}/{emb.base_dagger_episodes} episodes; {len(rec['state'])} "
+                          "expert-labelled rows")
+                    rows.update({f"{emb.name}/state": rec["state"], f"{emb.name}/action": rec["action"]})
+                save_npz(path, **rows)
+            with np.load(path) as z:
+                for key in z.files:
+                    name, field = key.split("/")
+                    data[name][field] = np.concatenate([data[name][field], z[key]])
+            meta[f"dagger{k}_rows"] = {e.name: len(data[e.name]["state"]) for e in ccfg.embodiments}
+        policy = fit_base(cfg, ccfg, data, dims, normalizer, out if rounds == 0 else out / f"round{k}",
+                          device, meta)
+    if rounds:
+        policy.save_pretrained(ckpt, OmegaConf.to_container(cfg, resolve=True), meta=meta)
+    return load_policy(ckpt)[0]
+
+
+def fit_base(cfg: DictConfig, ccfg: CompassConfig, data: dict[str, dict[str, np.ndarray]],
+             dims: dict[str, tuple[int, int]], normalizer: Normalizer, out: Path, device: torch.device,
+             meta: dict[str, Any]):
+    """BC (``base_steps``, from scratch) on ``data`` {name: {"state", "action"}} in env units;
+    resumable in ``out/train_state``; the fitted base is saved in ``out/checkpoint`` and returned."""
+    if (out / "checkpoint" / "meta.json").exists():
+        return load_policy(out / "checkpoint")[0]
     torch.manual_seed(int(cfg.seed))
     policy = build_policy_from(ccfg, dims, normalizer).to(device)
     parts = []
-    for i, (name, d) in enumerate(demos.items()):
+    for i, (name, d) in enumerate(data.items()):
         parts.append({"embodiment": torch.full((len(d["state"]),), i),
                       "state": policy.normalize_state(name, torch.as_tensor(d["state"])).cpu(),
                       "action": policy.normalize_action(name, torch.as_tensor(d["action"]),
@@ -317,8 +369,8 @@ def train_base(cfg: DictConfig, ccfg: CompassConfig, out: Path, device: torch.de
     step = train_phase("compass_base", policy, policy.compute_loss, ccfg.base_steps, phase_cfg(cfg, ccfg),
                        BalancedData(parts), gen, out / "train_state", logger, device)
     logger.close()
-    return load_policy(policy.save_pretrained(ckpt, OmegaConf.to_container(cfg, resolve=True),
-                                              meta={"step": step, "stage": "base", "dims": dims}))[0]
+    return load_policy(policy.save_pretrained(out / "checkpoint", OmegaConf.to_container(cfg, resolve=True),
+                                              meta={**meta, "step": step}))[0]
 
 
 # ---------------------------------------------------------------------------- stage 2: specialists

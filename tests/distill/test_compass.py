@@ -3,6 +3,7 @@ distillation on fixed data lowers the KL to each (real residual) specialist; plu
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -513,3 +514,43 @@ def test_benchmark_table_reports_success_at_any_step():
                      0.25, True, True)
     assert "(ManiSkill success_once; base / specialist / generalist): panda 0.75 / 0.90 / 0.88; so100 " \
         "0.36 / 0.31 / —." in md
+
+
+@pytest.mark.sim
+def test_base_dagger_round_adds_expert_labels_of_the_states_the_base_reached(tmp_path):
+    """``base_dagger_rounds`` on the so100: the base rolls out, the scripted expert labels every state it
+    visited (row 0 is the expert's action at the episode's first state), the base is refit on demos plus
+    those rows, and a rerun of the stage reuses the saved rows instead of rolling out again."""
+    from embodied_distill.sim.maniskill import ManiSkillEnvConfig, _scripted_expert, make_single_env
+
+    run = tmp_path / "run"
+    args = ["task=pickcube", "distill=compass", f"hydra.run.dir={run}", f"demos.dir={tmp_path / 'demos'}",
+            "distill.demos_per_embodiment=2", "distill.base_steps=20", "distill.stages=[base]",
+            "++distill.embodiments.1.base_dagger_rounds=1", "++distill.embodiments.1.base_dagger_episodes=1",
+            "demos.num_workers=1", "device=cpu", "torch_threads=1"]
+    out = _cli(tmp_path, *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "base DAgger round 1, so100" in out.stdout
+    with np.load(run / "base" / "dagger1.npz") as z:
+        assert sorted(z.files) == ["so100/action", "so100/state"]  # the panda has no DAgger rounds
+        states, labels = z["so100/state"], z["so100/action"]
+    assert states.shape == (120, states.shape[1]) and labels.shape == (120, 6)
+    env = make_single_env(ManiSkillEnvConfig(control_mode="pd_joint_pos", robot_uids="so100",
+                                             max_episode_steps=120, sim_backend="cpu"))
+    try:
+        obs, _ = env.reset(seed=3_000_000 + 100_000)
+        expert, _ = _scripted_expert(env, "pickcube")
+        np.testing.assert_allclose(np.asarray(obs, np.float32).reshape(-1), states[0], atol=1e-6)
+        np.testing.assert_allclose(expert(), labels[0], atol=1e-5)
+    finally:
+        env.close()
+    meta = json.loads((run / "base" / "checkpoint" / "meta.json").read_text())
+    assert meta["dagger1_rows"]["so100"] > 120 and (run / "base" / "round1" / "checkpoint").exists()
+    # resume: the final checkpoint is gone, the saved rows and round fits are reused
+    stamp = (run / "base" / "dagger1.npz").stat().st_mtime_ns
+    shutil.rmtree(run / "base" / "checkpoint")
+    out = _cli(tmp_path, *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "base DAgger round 1" not in out.stdout
+    assert (run / "base" / "dagger1.npz").stat().st_mtime_ns == stamp
+    assert (run / "base" / "checkpoint" / "meta.json").exists()
