@@ -347,6 +347,7 @@ def run_labelled_episode(env, task: str, seed: int, max_steps: int, policy) -> d
     Returns ``{"state": (T, Do), "action": (T, Da) expert labels, "success": bool (the policy's), "seed"}``.
     """
     import torch
+    from embodied_distill.sim.evaluation import NonFiniteActionError
 
     obs, _ = env.reset(seed=seed)
     expert, _ = _scripted_expert(env, task)
@@ -362,7 +363,7 @@ def run_labelled_episode(env, task: str, seed: int, max_steps: int, policy) -> d
             action = policy.select_action({"state": torch.from_numpy(state)[None]})
         action = np.asarray(torch.as_tensor(action).cpu(), np.float32).reshape(-1)
         if not np.isfinite(action).all():
-            raise ValueError(f"the policy produced a non-finite action on seed {seed}")
+            raise NonFiniteActionError(f"the policy produced a non-finite action on seed {seed}")
         obs, _, _, trunc, info = env.step(np.clip(action, low, high))
         success = bool(np.asarray(info["success"]).reshape(-1)[0])
         if bool(np.asarray(trunc).reshape(-1)[0]):

@@ -277,6 +277,15 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def append_npz(data: dict[str, dict[str, np.ndarray]], path: Path) -> None:
+    """Append the rows of a ``save_npz`` file keyed ``"<robot>/<field>"`` to ``data[robot][field]``."""
+    with np.load(path) as z:
+        for key in z.files:
+            name, field = key.split("/")
+            have = data.setdefault(name, {})
+            have[field] = np.concatenate([have[field], z[key]]) if field in have else z[key]
+
+
 # ---------------------------------------------------------------------------- stage 1: IL base
 def load_demos(cfg: DictConfig, ccfg: CompassConfig) -> dict[str, dict[str, np.ndarray]]:
     """Collect (or reuse) each embodiment's demos (``demos``, else ``demos_per_embodiment``)
@@ -338,16 +347,13 @@ def train_base(cfg: DictConfig, ccfg: CompassConfig, out: Path, device: torch.de
                           "expert-labelled rows")
                     rows.update({f"{emb.name}/state": rec["state"], f"{emb.name}/action": rec["action"]})
                 save_npz(path, **rows)
-            with np.load(path) as z:
-                for key in z.files:
-                    name, field = key.split("/")
-                    data[name][field] = np.concatenate([data[name][field], z[key]])
+            append_npz(data, path)
             meta[f"dagger{k}_rows"] = {e.name: len(data[e.name]["state"]) for e in ccfg.embodiments}
         policy = fit_base(cfg, ccfg, data, dims, normalizer, out if rounds == 0 else out / f"round{k}",
                           device, meta)
-    if rounds:
-        policy.save_pretrained(ckpt, OmegaConf.to_container(cfg, resolve=True), meta=meta)
-    return load_policy(ckpt)[0]
+    if not rounds:  # fit_base saved it at ckpt already
+        return policy
+    return load_policy(policy.save_pretrained(ckpt, OmegaConf.to_container(cfg, resolve=True), meta=meta))[0]
 
 
 def fit_base(cfg: DictConfig, ccfg: CompassConfig, data: dict[str, dict[str, np.ndarray]],
@@ -505,11 +511,7 @@ def train_generalist(cfg: DictConfig, ccfg: CompassConfig, base, spec_dir: Path,
                              ccfg.data_action == "sample", rng)
                 rows.update({f"{emb.name}/{key}": v for key, v in rec.items()})
             save_npz(path, **rows)
-        with np.load(path) as z:
-            for key in z.files:
-                name, field = key.split("/")
-                data.setdefault(name, {})[field] = np.concatenate(
-                    [data[name][field], z[key]]) if field in data.get(name, {}) else z[key]
+        append_npz(data, path)
         sizes = ", ".join(f"{n} {len(d['state'])}" for n, d in data.items())
         print(f"[compass] round {k}: distilling on {sizes} rows")
         policy = fit_generalist(cfg, ccfg, base, policy, data, out / f"round{k}", device)

@@ -460,14 +460,9 @@ def test_actions_relative_to_the_joint_positions_round_trip():
 def test_benchmark_stage_times_survive_pieces_that_run_at_once(tmp_path):
     """benchmarks/compass.py runs the two specialists as parallel pieces; each adds its wall time to one
     stage_times.json, and neither may drop the other's (it used to read at start and write at the end)."""
-    import importlib.util
     import multiprocessing as mp
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "compass.py"
-    spec = importlib.util.spec_from_file_location("bench_compass", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark_module()
     times = tmp_path / "stage_times.json"
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_add_times, args=(bench.add_stage_time, times, k)) for k in ("a", "b")]
@@ -479,6 +474,18 @@ def test_benchmark_stage_times_survive_pieces_that_run_at_once(tmp_path):
     assert json.loads(times.read_text()) == {"a": 40.0, "b": 40.0}
 
 
+def _benchmark_module():
+    """benchmarks/compass.py, loaded as a module (benchmarks/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "compass.py"
+    spec = importlib.util.spec_from_file_location("bench_compass", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def _add_times(add, path, key):
     for _ in range(40):
         add(path, key, 1.0)
@@ -488,17 +495,10 @@ def test_benchmark_table_reports_success_at_any_step():
     """The benchmark table gives each robot's success_once beside the success at the end (the so100's
     policies reach the goal far more often than they end there), and a dash where a policy is missing."""
     import dataclasses
-    import importlib.util
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
 
     from embodied_distill.distill.compass import Embodiment
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "compass.py"
-    spec = importlib.util.spec_from_file_location("bench_compass_table", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark_module()
 
     def rates(end, once):
         return {"success_rate": end, "success_once_rate": once, "success_stderr": 0.02}
