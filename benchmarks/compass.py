@@ -1,19 +1,23 @@
-"""COMPASS on PickCube across embodiments: IL base vs residual-RL specialists vs the distilled generalist.
+"""COMPASS across embodiments: IL base vs residual-RL specialists vs the distilled generalist.
 
-    python benchmarks/compass.py [--quick] [--stage all|base|specialists|generalist|evaluate]
+    python benchmarks/compass.py [--task pickcube|pointnav] [--quick]
+                                 [--stage all|base|specialists|generalist|evaluate]
                                  [--only NAME ...] [--out DIR] [--demos ROBOT=N ...] [--name NAME]
                                  [--specialist-steps N] [--dagger-rounds K] [--episodes N] [--seed S]
                                  [--base-dagger ROBOT=K ...]
                                  [--std-per-embodiment | --global-std]
 
-Runs ``embodied_distill/distill/compass.py`` (the ``configs/distill/compass.yaml`` embodiments: panda with
-pd_ee_delta_pose and its scripted expert, so100 with pd_joint_pos and its joint-space scripted expert in
-sim/so100_expert.py) with the budgets below, in ``outputs/benchmarks/<name>`` (default
-``compass[_quick]``). ``--demos panda=15`` replaces a robot's demo count (a weaker IL base leaves room
-for the 2x target); ``--base-dagger so100=3`` adds DAgger rounds to a robot's IL base. Every stage
-resumes from what is already there, so on a shared CPU run it in pieces (``--stage base``,
-``--stage specialists --only panda``, ..., ``--stage evaluate``; the two specialists may run at once);
-the wall time of every piece is accumulated in ``stage_times.json``. Success (ManiSkill's success flag
+Runs ``embodied_distill/distill/compass.py`` with the budgets below, in ``outputs/benchmarks/<name>``
+(default ``compass[_quick]``, ``compass_pointnav[_quick]``). ``--task pickcube`` (default): the
+``configs/distill/compass.yaml`` embodiments, panda with pd_ee_delta_pose and its scripted expert, so100 with
+pd_joint_pos and its joint-space scripted expert in sim/so100_expert.py. ``--task pointnav``: the
+``configs/distill/compass_nav.yaml`` embodiments, a differential-drive and a holonomic base on MuJoCo
+point-goal navigation (sim/navigation.py), COMPASS's mobility setting. ``--demos panda=15`` replaces a
+robot's demo count (a weaker IL base leaves room for the 2x target); ``--base-dagger so100=3`` adds
+DAgger rounds to a robot's IL base. Every stage resumes from what is already there, so on a shared CPU
+run it in pieces (``--stage base``, ``--stage specialists --only panda``, ..., ``--stage evaluate``; the
+two specialists may run at once);
+the wall time of every piece is accumulated in ``stage_times.json``. Success (the env's success flag
 at the last step of a full episode) of the IL base, each specialist and the generalist is measured on
 the same ``episodes`` unseen seeds (100000+) per embodiment. Targets (issue 8): generalist >= 90% of
 each specialist on its own robot, and >= 2x the IL base's mean success.
@@ -61,17 +65,39 @@ QUICK = {
     "episodes": 10,
     "generalist_from_base": True,
 }
+# point-goal navigation: the envs run at ~1300 steps/s, so the specialists get 10x PickCube's steps; a
+# 10-demo base leaves room for residual RL (20 demos gave bases of 0.56 / 0.75 on 100 seeds)
+NAV = {
+    "demos": 10,
+    "base_steps": 5000,
+    "specialist_steps": 300_000,
+    "critic_warmup_steps": 10_000,
+    "specialist_eval_every": 20_000,
+    "data_episodes": 50,
+    "dagger_rounds": 3,
+    "dagger_episodes": 20,
+    "epochs": 100,
+    "episodes": 200,
+    "generalist_from_base": True,
+}
+NAV_QUICK = {**QUICK, "base_steps": 500, "specialist_steps": 4000, "specialist_eval_every": 2000,
+             "critic_warmup_steps": 1000}
+TASKS = {  # task -> (hydra overrides, full preset, quick preset, what the table calls it)
+    "pickcube": (("task=pickcube", "distill=compass"), FULL, QUICK, "PickCube-v1 (state obs, CPU)"),
+    "pointnav": (("sim=navigation", "task=pointnav", "distill=compass_nav"), NAV, NAV_QUICK,
+                 "Point-goal navigation on MuJoCo (sim/navigation.py: 4 x 4 m arena, 3 box obstacles, "
+                 "goal 2.0-3.2 m away, success within 0.2 m)"),
+}
 STAGES = ("base", "specialists", "generalist", "evaluate")
 
 
 def compose(preset: dict, stages: list[str], only: list[str], run_dir: Path, seed: int = 0,
-            extra: tuple[str, ...] = ()):
+            extra: tuple[str, ...] = (), task: str = "pickcube"):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
     overrides = [
-        "task=pickcube",
-        "distill=compass",
+        *TASKS[task][0],
         f"hydra.run.dir={run_dir}",
         "device=cpu",
         f"seed={seed}",
@@ -115,7 +141,7 @@ def add_stage_time(path: Path, key: str, seconds: float) -> dict[str, float]:
 
 
 def table(report: dict, times: dict, preset: dict, name: str, demos_cfg, default_scale: float,
-          std_per_robot: bool, keep_best: bool) -> str:
+          std_per_robot: bool, keep_best: bool, task: str = "pickcube", num_envs: int = 1) -> str:
     from embodied_distill.distill.compass import Embodiment
 
     rows = report["per_embodiment"]
@@ -133,10 +159,11 @@ def table(report: dict, times: dict, preset: dict, name: str, demos_cfg, default
     lines = [
         f"## {name}",
         "",
-        f"PickCube-v1 (state obs, CPU), success at the end of a full episode on {preset['episodes']} unseen "
+        f"{TASKS[task][3]}, success at the end of a full episode on {preset['episodes']} unseen "
         f"seeds per embodiment. IL base: one embodiment-conditioned MLP, BC on the demos listed per robot "
         f"({preset['base_steps']} steps). Specialists: residual PPO on the frozen base, "
-        f"{preset['specialist_steps']} env steps each (1 CPU env, the first "
+        f"{preset['specialist_steps']} env steps each ({num_envs} CPU env{'s' if num_envs > 1 else ''}, "
+        "the first "
         f"{preset.get('critic_warmup_steps', 0)} of them value-only: critic warm-up"
         f"{keep_best_text}). Generalist "
         f"({'initialised from the IL base' if preset['generalist_from_base'] else 'from scratch'}, "
@@ -177,8 +204,8 @@ def table(report: dict, times: dict, preset: dict, name: str, demos_cfg, default
     lines += [
         "",
         "Success at any step instead of at the end (ManiSkill success_once; base / specialist / generalist): "
-        f"{once}. The gap is the episodes where the cube reached the goal with the arm still but the "
-        "episode did not end that way.",
+        f"{once}." + (" The gap is the episodes where the cube reached the goal with the arm still but the "
+                      "episode did not end that way." if task == "pickcube" else ""),
         "",
         f"Targets: {json.dumps(report.get('targets', {}))}",
         "",
@@ -193,6 +220,8 @@ def table(report: dict, times: dict, preset: dict, name: str, demos_cfg, default
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="pickcube", choices=sorted(TASKS),
+                    help="pickcube (panda + so100) or pointnav (differential-drive + holonomic base)")
     ap.add_argument("--quick", action="store_true", help="tiny budgets (a few minutes)")
     ap.add_argument("--stage", default="all", choices=("all", *STAGES))
     ap.add_argument("--only", nargs="*", default=[], help="specialists stage: only these embodiments")
@@ -204,7 +233,8 @@ def main() -> None:
                          "the base reaches; distill.embodiments.*.base_dagger_rounds)")
     ap.add_argument("--name", default=None, help="results and run-dir name (default compass[_quick])")
     ap.add_argument("--specialist-steps", type=int, default=None, metavar="N",
-                    help="env steps per residual-RL specialist instead of the preset's (30000)")
+                    help="env steps per residual-RL specialist instead of the preset's (pickcube 30000, "
+                         "pointnav 300000)")
     ap.add_argument("--dagger-rounds", type=int, default=None, metavar="K",
                     help="generalist DAgger rounds instead of the preset's (3)")
     std = ap.add_mutually_exclusive_group()
@@ -225,7 +255,7 @@ def main() -> None:
     from embodied_distill.train import make_runner, quiet
 
     quiet()
-    preset = dict(QUICK if args.quick else FULL)
+    preset = dict(TASKS[args.task][2] if args.quick else TASKS[args.task][1])
     if args.specialist_steps is not None:
         if args.specialist_steps <= preset["critic_warmup_steps"]:
             ap.error(f"--specialist-steps must exceed the critic warm-up ({preset['critic_warmup_steps']})")
@@ -238,12 +268,13 @@ def main() -> None:
         if args.episodes < 1:
             ap.error("--episodes must be >= 1")
         preset["episodes"] = args.episodes
-    name = args.name or ("compass_quick" if args.quick else "compass")
+    name = args.name or ("compass" + ("" if args.task == "pickcube" else f"_{args.task}")
+                         + ("_quick" if args.quick else ""))
     run_dir = REPO_ROOT / "outputs" / "benchmarks" / name
     stages = list(STAGES) if args.stage == "all" else [args.stage]
     extra = ("distill.policy.std_per_embodiment=true",) if args.std_per_embodiment else \
         ("distill.policy.std_per_embodiment=false",) if args.global_std else ()
-    cfg, overrides = compose(preset, stages, args.only, run_dir, args.seed, extra)
+    cfg, overrides = compose(preset, stages, args.only, run_dir, args.seed, extra, args.task)
     demos = dict(item.split("=", 1) for item in args.demos)
     from omegaconf import open_dict
 
@@ -270,9 +301,11 @@ def main() -> None:
     report = json.loads((run_dir / "report.json").read_text())
     md = table(report, times, preset, name, cfg.demos, float(cfg.distill.specialist.residual_scale),
                bool(cfg.distill.policy.get("std_per_embodiment", False)),
-               bool(cfg.distill.specialist.get("keep_best", False)))
+               bool(cfg.distill.specialist.get("keep_best", False)), args.task,
+               int(cfg.distill.specialist.num_envs))
     print(md)
     payload = {
+        "task": args.task,
         "preset": preset,
         "quick": args.quick,
         "overrides": overrides,

@@ -119,7 +119,23 @@ def collect_demos(store_path: str | Path, make_env: Callable[[], Any],
         max_attempts_factor: give up after ``n_episodes * factor`` attempts (expert failing too often).
 
     Returns a summary: stored, attempted, successes, success rate of the attempts made now.
+
+    Collection holds an exclusive lock on ``<store>.lock``: a second process asking for the same store
+    (two runs sharing ``demos.dir``) waits, then finds the episodes stored and only adds what it lacks;
+    unlocked, both appended the same seeds.
     """
+    import fcntl
+
+    lock_path = Path(str(store_path).rstrip("/") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _collect_locked(store_path, make_env, episode_fn, n_episodes, seed_start, num_workers, attrs,
+                               max_attempts_factor, desc)
+
+
+def _collect_locked(store_path, make_env, episode_fn, n_episodes, seed_start, num_workers, attrs,
+                    max_attempts_factor, desc) -> dict[str, Any]:
     store, have, next_seed = open_demo_store(store_path, attrs, seed_start)
     todo = n_episodes - have
     summary = {"stored": have, "attempted": 0, "successes": 0, "resumed_from": have}

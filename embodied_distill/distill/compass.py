@@ -60,9 +60,10 @@ class Embodiment:
     name: str
     """Key of this embodiment (code slot order = list order; names the run sub-directories)."""
     robot_uids: str
-    """ManiSkill robot (``panda``, ``so100`` ship offline; see the README for ``fetch``)."""
+    """ManiSkill robot (``panda``, ``so100`` ship offline; see the README for ``fetch``), or for a navigation
+    task the mobile base (``diffdrive``, ``holonomic``; sim/navigation.py)."""
     control_mode: str = "pd_ee_delta_pose"
-    """ManiSkill controller (the expert must produce actions for it)."""
+    """ManiSkill controller (the expert must produce actions for it); ``body_velocity`` for navigation."""
     expert: str = "scripted"
     """Demo source: ``scripted`` (sim/maniskill.py: the pd_ee_delta_pose experts, and joint-space ones such as
     the so100's in sim/so100_expert.py) or ``motionplanner`` (ManiSkill's mplib solutions)."""
@@ -195,12 +196,17 @@ class CompassConfig:
 
 # ---------------------------------------------------------------------------- helpers
 def make_runner(cfg: DictConfig, emb: Embodiment):
-    """The task's ManiSkill runner for one embodiment (robot, controller, expert, episode limit)."""
-    from embodied_distill.sim.maniskill import ManiSkillRunner
-
+    """The task's runner for one embodiment (robot, controller, expert, episode limit): ManiSkill, or
+    point-goal navigation for a ``sim: navigation`` task."""
     task = OmegaConf.to_container(cfg.task, resolve=True)
     task.update(robot_uids=emb.robot_uids, control_mode=emb.control_mode, expert=emb.expert,
                 max_episode_steps=emb.max_episode_steps)
+    if task.get("sim") == "navigation":
+        from embodied_distill.sim.navigation import NavigationRunner
+
+        return NavigationRunner({**task, "robot": emb.robot_uids})
+    from embodied_distill.sim.maniskill import ManiSkillRunner
+
     return ManiSkillRunner(task, sim_backend=cfg.sim.runner.get("sim_backend", "auto"))
 
 
@@ -586,7 +592,7 @@ def evaluate_all(cfg: DictConfig, ccfg: CompassConfig, run_dir: Path) -> dict[st
 def run(cfg: DictConfig, run_dir: Path, runner, device: torch.device) -> dict[str, Any] | None:
     ccfg = CompassConfig.from_cfg(cfg.distill)
     if not hasattr(runner, "env_cfg"):
-        raise ValueError("compass needs a ManiSkill task (sim=maniskill)")
+        raise ValueError("compass needs a ManiSkill or navigation task (sim=maniskill or sim=navigation)")
     print(f"[compass] embodiments {[e.name for e in ccfg.embodiments]}, stages {list(ccfg.stages)}")
     run_dir = Path(run_dir)
     if "base" in ccfg.stages or any(s in ccfg.stages for s in ("specialists", "generalist")):

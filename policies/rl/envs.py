@@ -23,7 +23,8 @@ from embodied_distill.sim.maniskill import ManiSkillEnvConfig, make_single_env
 
 
 class ManiSkillRLEnv(gym.Env):
-    """One CPU ManiSkill env with observation history and an optional frozen base policy."""
+    """One CPU env (ManiSkill, or any runner's ``env_cfg`` with a ``make()``) with observation history and
+    an optional frozen base policy."""
 
     metadata = {"render_modes": []}
 
@@ -31,7 +32,8 @@ class ManiSkillRLEnv(gym.Env):
                  seed_start: int = 1_000_000):
         if history < 1:
             raise ValueError("history must be >= 1")
-        self.env = make_single_env(env_cfg)
+        # a config with ``make()`` (sim/navigation.py's NavEnvConfig) builds its own simulator
+        self.env = env_cfg.make() if hasattr(env_cfg, "make") else make_single_env(env_cfg)
         self.history, self.base, self.residual_scale = history, base, float(residual_scale)
         self.next_seed = int(seed_start)
         space = self.env.action_space
