@@ -1,7 +1,8 @@
 """Training entry point: ``python -m embodied_distill.train sim=maniskill task=pickcube``.
 
 Composes ``configs/train.yaml`` with Hydra, builds the simulation runner, and runs the method in
-``embodied_distill/distill/<distill.name>.py`` (each method file exposes ``run(cfg, run_dir, runner,
+``embodied_distill/distill/<distill.name>.py`` (``distill.method`` where a variant config such as
+``compass_nav`` names its method; each method file exposes ``run(cfg, run_dir, runner,
 device) -> report``). The run directory holds ``checkpoint/``, ``train_state/``, ``metrics.jsonl``,
 TensorBoard events (``tb/``), ``report.json`` and ``eval.mp4``.
 """
@@ -66,7 +67,9 @@ def main(cfg: DictConfig) -> float:
     if cfg.get("torch_threads", 0) > 0:
         torch.set_num_threads(int(cfg.torch_threads))
     device = resolve_device(cfg.device)
-    method = importlib.import_module(f"embodied_distill.distill.{cfg.distill.name}")
+    # a variant of a method (distill=compass_nav) names its method's module in ``method``
+    module = cfg.distill.get("method", cfg.distill.name)
+    method = importlib.import_module(f"embodied_distill.distill.{module}")
     report = method.run(cfg, run_dir, make_runner(cfg), device)
     if report is None:  # a non-zero rank of a torchrun job
         return 0.0

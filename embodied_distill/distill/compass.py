@@ -132,7 +132,9 @@ class CompassConfig:
     """The ``distill`` config group of ``compass`` (``configs/distill/compass.yaml``)."""
 
     name: str = "compass"
-    """Method name."""
+    """Config name (``compass``, or a variant's such as ``compass_nav``; names the default run dir)."""
+    method: str = "compass"
+    """The method module train.py runs (embodied_distill/distill/compass.py), also for variants."""
     embodiments: tuple[Embodiment, ...] = ()
     """The robots to merge (dicts in YAML, see :class:`Embodiment`)."""
     stages: tuple[str, ...] = STAGES
