@@ -5,7 +5,7 @@
                                  [--only NAME ...] [--out DIR] [--demos ROBOT=N ...] [--name NAME]
                                  [--specialist-steps N] [--dagger-rounds K] [--episodes N] [--seed S]
                                  [--base-dagger ROBOT=K ...]
-                                 [--std-per-embodiment | --global-std]
+                                 [--std-per-embodiment | --global-std] [--override KEY=VALUE ...]
 
 Runs ``embodied_distill/distill/compass.py`` with the budgets below, in ``outputs/benchmarks/<name>``
 (default ``compass[_quick]``, ``compass_pointnav[_quick]``). ``--task pickcube`` (default): the
@@ -66,9 +66,10 @@ QUICK = {
     "generalist_from_base": True,
 }
 # point-goal navigation: the envs run at ~1300 steps/s, so the specialists get 10x PickCube's steps; a
-# 10-demo base leaves room for residual RL (20 demos gave bases of 0.56 / 0.75 on 100 seeds)
+# 5-demo base leaves room for residual RL (bases 0.07 / 0.23 on 200 seeds; 10 demos: 0.34 / 0.67, a mean
+# of 0.51 that no generalist can double; compass_pointnav_demos10.md)
 NAV = {
-    "demos": 10,
+    "demos": 5,
     "base_steps": 5000,
     "specialist_steps": 300_000,
     "critic_warmup_steps": 10_000,
@@ -141,7 +142,8 @@ def add_stage_time(path: Path, key: str, seconds: float) -> dict[str, float]:
 
 
 def table(report: dict, times: dict, preset: dict, name: str, demos_cfg, default_scale: float,
-          std_per_robot: bool, keep_best: bool, task: str = "pickcube", num_envs: int = 1) -> str:
+          std_per_robot: bool, keep_best: bool, task: str = "pickcube", num_envs: int = 1,
+          ppo: str = "") -> str:
     from embodied_distill.distill.compass import Embodiment
 
     rows = report["per_embodiment"]
@@ -156,6 +158,7 @@ def table(report: dict, times: dict, preset: dict, name: str, demos_cfg, default
         return (f"{r[who]['success_rate']:.2f}" + (f" ± {err:.2f}" if err is not None else "")
                 + (f" (step {picked})" if picked is not None else ""))
 
+    ppo_text = f"; {ppo}" if ppo else ""
     lines = [
         f"## {name}",
         "",
@@ -165,7 +168,7 @@ def table(report: dict, times: dict, preset: dict, name: str, demos_cfg, default
         f"{preset['specialist_steps']} env steps each ({num_envs} CPU env{'s' if num_envs > 1 else ''}, "
         "the first "
         f"{preset.get('critic_warmup_steps', 0)} of them value-only: critic warm-up"
-        f"{keep_best_text}). Generalist "
+        f"{ppo_text}{keep_best_text}). Generalist "
         f"({'initialised from the IL base' if preset['generalist_from_base'] else 'from scratch'}, "
         f"{'one learnable std per robot' if std_per_robot else 'one global learnable std'}): "
         "KL(specialist || generalist) "
@@ -203,7 +206,7 @@ def table(report: dict, times: dict, preset: dict, name: str, demos_cfg, default
         for name, r in rows.items())
     lines += [
         "",
-        "Success at any step instead of at the end (ManiSkill success_once; base / specialist / generalist): "
+        "Success at any step instead of at the end (success_once; base / specialist / generalist): "
         f"{once}." + (" The gap is the episodes where the cube reached the goal with the arm still but the "
                       "episode did not end that way." if task == "pickcube" else ""),
         "",
@@ -246,6 +249,9 @@ def main() -> None:
                     help="evaluation episodes per policy and robot instead of the preset's (200)")
     ap.add_argument("--seed", type=int, default=0, help="training seed (base, specialists, generalist); the "
                     "evaluation seeds stay fixed")
+    ap.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="extra Hydra overrides after the preset's (e.g. distill.specialist.n_steps=2000); "
+                         "they are recorded in the results")
     args = ap.parse_args()
 
     import torch
@@ -274,7 +280,13 @@ def main() -> None:
     stages = list(STAGES) if args.stage == "all" else [args.stage]
     extra = ("distill.policy.std_per_embodiment=true",) if args.std_per_embodiment else \
         ("distill.policy.std_per_embodiment=false",) if args.global_std else ()
+    extra += tuple(args.override)
     cfg, overrides = compose(preset, stages, args.only, run_dir, args.seed, extra, args.task)
+    spec = cfg.distill.specialist  # as composed: --override may change what the preset set
+    preset.update(specialist_steps=int(spec.total_steps), specialist_eval_every=int(spec.eval_every),
+                  critic_warmup_steps=int(spec.critic_warmup_steps))
+    ppo = (f"rollouts of {spec.n_steps} steps, minibatches of {spec.batch_size}, lr {spec.lr}, "
+           f"gamma {spec.gamma}, GAE lambda {spec.gae_lambda}, initial log std {spec.log_std_init}")
     demos = dict(item.split("=", 1) for item in args.demos)
     from omegaconf import open_dict
 
@@ -302,7 +314,7 @@ def main() -> None:
     md = table(report, times, preset, name, cfg.demos, float(cfg.distill.specialist.residual_scale),
                bool(cfg.distill.policy.get("std_per_embodiment", False)),
                bool(cfg.distill.specialist.get("keep_best", False)), args.task,
-               int(cfg.distill.specialist.num_envs))
+               int(cfg.distill.specialist.num_envs), ppo)
     print(md)
     payload = {
         "task": args.task,

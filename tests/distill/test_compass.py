@@ -512,7 +512,7 @@ def test_benchmark_table_reports_success_at_any_step():
     md = bench.table(report, {"base": 10.0}, bench.FULL, "t", OmegaConf.create({"noise_std": 0.3,
                                                                                 "noise_prob": 0.3}),
                      0.25, True, True)
-    assert "(ManiSkill success_once; base / specialist / generalist): panda 0.75 / 0.90 / 0.88; so100 " \
+    assert "(success_once; base / specialist / generalist): panda 0.75 / 0.90 / 0.88; so100 " \
         "0.36 / 0.31 / —." in md
 
 
