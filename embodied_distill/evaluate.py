@@ -35,10 +35,24 @@ def main(cfg: DictConfig) -> float:
                   "no samplers", file=sys.stderr)
             sys.exit(2)
         policy.set_sampler(cfg.sampler, **(OmegaConf.to_container(cfg.sampler_overrides, resolve=True) or {}))
+    if not hasattr(policy, "as_embodiment"):
+        runner = make_runner(train_cfg)
+    else:  # a COMPASS base or generalist: one network, several robots
+        names = [e["name"] for e in policy.config.embodiments]
+        if cfg.get("embodiment") not in names:
+            print(f"[evaluate] error: this checkpoint acts for the robots {names}; pass embodiment=NAME "
+                  f"(got {cfg.get('embodiment')})", file=sys.stderr)
+            sys.exit(2)
+        from embodied_distill.distill.compass import CompassConfig
+        from embodied_distill.distill.compass import make_runner as embodiment_runner
+
+        emb = next(e for e in CompassConfig.from_cfg(train_cfg.distill).embodiments
+                   if e.name == cfg.embodiment)
+        policy, runner = policy.as_embodiment(cfg.embodiment), embodiment_runner(train_cfg, emb)
     seed_start = cfg.seed_start if cfg.seed_start is not None else train_cfg.eval.seed_start
     if "max_demo_seed" in meta and seed_start <= meta["max_demo_seed"]:
         print(f"[evaluate] warning: seed_start={seed_start} overlaps demo seeds (<= {meta['max_demo_seed']})")
-    report = make_runner(train_cfg).evaluate(
+    report = runner.evaluate(
         policy.to("cpu"), cfg.episodes, seed_start, num_envs=cfg.num_envs,
         video_path=run_dir / "eval.mp4" if cfg.video_episodes > 0 else None,
         video_episodes=cfg.video_episodes)

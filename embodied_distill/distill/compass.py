@@ -197,16 +197,26 @@ class CompassConfig:
 
 
 # ---------------------------------------------------------------------------- helpers
-def make_runner(cfg: DictConfig, emb: Embodiment):
-    """The task's runner for one embodiment (robot, controller, expert, episode limit): ManiSkill, or
-    point-goal navigation for a ``sim: navigation`` task."""
+def embodiment_task(cfg: DictConfig, emb: Embodiment) -> dict[str, Any]:
+    """The task config with one embodiment's robot, controller, expert and episode limit (what its
+    runner is built from, and what a specialist's checkpoint stores, so that ``embodied_distill.evaluate``
+    rebuilds the right robot)."""
     task = OmegaConf.to_container(cfg.task, resolve=True)
     task.update(robot_uids=emb.robot_uids, control_mode=emb.control_mode, expert=emb.expert,
                 max_episode_steps=emb.max_episode_steps)
     if task.get("sim") == "navigation":
+        task["robot"] = emb.robot_uids
+    return task
+
+
+def make_runner(cfg: DictConfig, emb: Embodiment):
+    """The task's runner for one embodiment: ManiSkill, or point-goal navigation for a
+    ``sim: navigation`` task."""
+    task = embodiment_task(cfg, emb)
+    if task.get("sim") == "navigation":
         from embodied_distill.sim.navigation import NavigationRunner
 
-        return NavigationRunner({**task, "robot": emb.robot_uids})
+        return NavigationRunner(task)
     from embodied_distill.sim.maniskill import ManiSkillRunner
 
     return ManiSkillRunner(task, sim_backend=cfg.sim.runner.get("sim_backend", "auto"))
@@ -397,6 +407,7 @@ def train_specialists(cfg: DictConfig, ccfg: CompassConfig, base, out: Path, dev
         if (ccfg.only and emb.name not in ccfg.only) or (run / "report.json").exists():
             continue
         scfg = OmegaConf.merge(cfg, {"eval": {"video_episodes": 0}})
+        scfg.task = OmegaConf.create(embodiment_task(cfg, emb))  # saved with the checkpoint: its own robot
         own = rcfg if emb.residual_scale is None else \
             dataclasses.replace(rcfg, residual_scale=emb.residual_scale)
         train_residual(scfg, run, make_runner(cfg, emb), device, own, base.as_embodiment(emb.name).eval(),

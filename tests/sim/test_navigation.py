@@ -197,6 +197,24 @@ def test_compass_on_navigation_runs_every_stage_on_both_bases(tmp_path):
         action = gen.as_embodiment(name).eval().select_action({"state": torch.zeros(4, do)})
         assert action.shape == (4, da) and torch.isfinite(action).all()
     assert (run / "generalist" / "data_round1.npz").exists()
+    # headless evaluation of the checkpoints: a specialist rebuilds its own robot, the generalist needs one
+    evaluate = [sys.executable, "-m", "embodied_distill.evaluate", "episodes=2", "num_envs=1",
+                "video_episodes=0"]
+    spec = subprocess.run([*evaluate, f"checkpoint={run / 'specialists' / 'holonomic' / 'checkpoint'}",
+                           f"hydra.run.dir={tmp_path / 'eval_spec'}"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert spec.returncode == 0, spec.stderr[-3000:]
+    assert json.loads((tmp_path / "eval_spec" / "report.json").read_text())["robot"] == "holonomic"
+    gen_ckpt = f"checkpoint={run / 'generalist' / 'checkpoint'}"
+    no_robot = subprocess.run([*evaluate, gen_ckpt, f"hydra.run.dir={tmp_path / 'eval_none'}"],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert no_robot.returncode == 2 and "pass embodiment=NAME" in no_robot.stderr
+    out_dir = f"hydra.run.dir={tmp_path / 'eval_gen'}"
+    ok = subprocess.run([*evaluate, gen_ckpt, "embodiment=holonomic", out_dir], capture_output=True,
+                        text=True, cwd=tmp_path, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    report = json.loads((tmp_path / "eval_gen" / "report.json").read_text())
+    assert report["robot"] == "holonomic" and report["episodes"] == 2
 
 
 def test_residual_ppo_improves_the_navigation_base(tmp_path):
