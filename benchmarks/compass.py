@@ -68,19 +68,8 @@ QUICK = {
 # point-goal navigation: the envs run at ~1300 steps/s, so the specialists get 10x PickCube's steps; a
 # 5-demo base leaves room for residual RL (bases 0.07 / 0.23 on 200 seeds; 10 demos: 0.34 / 0.67, a mean
 # of 0.51 that no generalist can double; compass_pointnav_demos10.md)
-NAV = {
-    "demos": 5,
-    "base_steps": 5000,
-    "specialist_steps": 300_000,
-    "critic_warmup_steps": 10_000,
-    "specialist_eval_every": 20_000,
-    "data_episodes": 50,
-    "dagger_rounds": 3,
-    "dagger_episodes": 20,
-    "epochs": 100,
-    "episodes": 200,
-    "generalist_from_base": True,
-}
+NAV = {**FULL, "demos": 5, "base_steps": 5000, "specialist_steps": 300_000, "critic_warmup_steps": 10_000,
+       "specialist_eval_every": 20_000}  # generalist stage and evaluation as PickCube's
 NAV_QUICK = {**QUICK, "base_steps": 500, "specialist_steps": 4000, "specialist_eval_every": 2000,
              "critic_warmup_steps": 1000}
 TASKS = {  # task -> (hydra overrides, full preset, quick preset, what the table calls it)
