@@ -4,6 +4,7 @@ Paper: "COMPASS: Cross-embOdiment Mobility Policy via ResiduAl RL and Skill Synt
 (https://arxiv.org/abs/2502.16372, code NVlabs/COMPASS); see ``shared/reference/methods.md``.
 
     python -m embodied_distill.train task=pickcube distill=compass torch_threads=1
+    python -m embodied_distill.train sim=navigation task=pointnav distill=compass_nav torch_threads=1
 
 Every embodiment (``distill.embodiments``: robot, control mode, expert, episode limit; a new robot joins
 by adding an entry) shares one embodiment-agnostic policy interface
