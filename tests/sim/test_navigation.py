@@ -232,25 +232,19 @@ def test_residual_ppo_improves_the_navigation_base(tmp_path):
     assert max(p["eval_success"] for p in curve[1:]) >= curve[0]["eval_success"] + 0.15, curve
 
 
-def _collect(path, n: int) -> None:
-    runner = NavigationRunner({"name": "pointnav", "sim": "navigation", "robot": "diffdrive"})
-    runner.collect_demos(path, n, num_workers=1, noise_std=0.3, noise_prob=0.3)
-
-
 def test_two_runs_collecting_into_one_demo_store_do_not_repeat_seeds(tmp_path):
     """Two runs sharing demos.dir asked for the same store at once: unlocked, both appended the same
     seeds (seen: seed 2 twice among the first five demos)."""
-    import multiprocessing as mp
-
     from embodied_distill.data.episode_store import EpisodeStore
 
     path = tmp_path / "demos.zarr"
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_collect, args=(path, n)) for n in (4, 6)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-    assert [p.exitcode for p in procs] == [0, 0]
+    code = ("import sys\nfrom embodied_distill.sim.navigation import NavigationRunner\n"
+            "runner = NavigationRunner({'name': 'pointnav', 'sim': 'navigation', 'robot': 'diffdrive'})\n"
+            "runner.collect_demos(sys.argv[1], int(sys.argv[2]), num_workers=1, noise_std=0.3,\n"
+            "                     noise_prob=0.3)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), str(n)], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in (4, 6)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
     seeds = list(EpisodeStore(path, mode="r").episode_meta("seed")[:])
     assert len(seeds) == 6 and seeds == sorted(set(seeds)), seeds
