@@ -419,6 +419,10 @@ def test_cli_compass_tiny_budget_runs_all_stages(tmp_path):
     scales = {r: load_policy(run / "specialists" / r / "checkpoint")[0].config.residual_scale
               for r in ("panda", "so100")}
     assert scales == {"panda": 0.25, "so100": 0.05}
+    # each specialist's checkpoint stores its own robot, so embodied_distill.evaluate rebuilds that one
+    saved = load_policy(run / "specialists" / "so100" / "checkpoint")[1]["task"]
+    assert (saved["robot_uids"], saved["control_mode"], saved["max_episode_steps"]) == \
+        ("so100", "pd_joint_pos", 120)
     # evaluating again on more seeds does not reuse the cached 2-episode evaluations
     more = [a for a in args if not a.startswith("eval.episodes=")] + ["eval.episodes=3",
                                                                       "distill.stages=[evaluate]"]
