@@ -101,6 +101,47 @@ def evaluate_policy(policy, venv: VecEnv, episodes: int, seed_start: int, max_st
     return report
 
 
+def label_rollouts(env, policy, expert_for, episodes: int, seed_start: int, max_steps: int,
+                   desc: str = "dagger") -> dict[str, Any]:
+    """DAgger rows: ``policy`` acts on ``episodes`` seeded episodes of one gym-API ``env`` (seeds
+    ``seed_start + i``), and the expert labels every state it visits.
+
+    ``expert_for(env)`` is called after each reset and returns a zero-argument callable giving the
+    expert's (Da,) action at the env's current state (a reactive expert: a function of the simulator
+    state). ``policy.select_action({"state": (1, Do)}) -> (1, Da)``; its actions are clipped to the action
+    space. Returns ``{"state": (N, Do), "action": (N, Da) expert labels, "successes": int}`` (the policy's
+    successes at the last step).
+    """
+    low = np.asarray(env.action_space.low, np.float32).reshape(-1)
+    high = np.asarray(env.action_space.high, np.float32).reshape(-1)
+    states, labels, successes = [], [], 0
+    bar = progress(total=episodes, desc=desc, unit="ep")
+    for i in range(episodes):
+        seed = seed_start + i
+        obs, _ = env.reset(seed=seed)
+        expert = expert_for(env)
+        policy.reset()
+        success = False
+        for _ in range(max_steps):
+            state = np.asarray(obs, np.float32).reshape(-1)
+            states.append(state)
+            labels.append(np.asarray(expert(), np.float32).reshape(-1))
+            with torch.no_grad():
+                action = policy.select_action({"state": torch.from_numpy(state)[None]})
+            action = np.asarray(torch.as_tensor(action).cpu(), np.float32).reshape(-1)
+            if not np.isfinite(action).all():
+                raise NonFiniteActionError(f"the policy produced a non-finite action on seed {seed}")
+            obs, _, _, trunc, info = env.step(np.clip(action, low, high))
+            success = bool(np.asarray(info["success"]).reshape(-1)[0])
+            if bool(np.asarray(trunc).reshape(-1)[0]):
+                break
+        successes += success
+        bar.update(1)
+        bar.set_postfix(success=f"{successes / (i + 1):.2f}", refresh=False)
+    bar.close()
+    return {"state": np.stack(states), "action": np.stack(labels), "successes": successes}
+
+
 def summarize(per_episode: list[dict[str, Any]], step_ms: list[float]) -> dict[str, Any]:
     succ = np.array([e["success"] for e in per_episode], float)
     lat = np.asarray(step_ms) if step_ms else np.zeros(1)

@@ -338,39 +338,6 @@ def run_expert_episode(env, task: str, seed: int, max_steps: int, noise_std: flo
     return {"state": np.stack(states), "action": np.stack(actions), "success": success, "seed": seed}
 
 
-def run_labelled_episode(env, task: str, seed: int, max_steps: int, policy) -> dict[str, Any]:
-    """DAgger data: ``policy`` acts for a full episode, the scripted expert labels every visited state.
-
-    The expert must be reactive (its action a function of the simulator state, as the scripted experts
-    are; a motion planner's plan is not). ``policy.select_action({"state": (1, Do)}) -> (1, Da)``.
-
-    Returns ``{"state": (T, Do), "action": (T, Da) expert labels, "success": bool (the policy's), "seed"}``.
-    """
-    import torch
-    from embodied_distill.sim.evaluation import NonFiniteActionError
-
-    obs, _ = env.reset(seed=seed)
-    expert, _ = _scripted_expert(env, task)
-    policy.reset()
-    low = np.asarray(env.action_space.low, np.float32).reshape(-1)
-    high = np.asarray(env.action_space.high, np.float32).reshape(-1)
-    states, labels, success = [], [], False
-    for _ in range(max_steps):
-        state = np.asarray(obs, np.float32).reshape(-1)
-        states.append(state)
-        labels.append(np.asarray(expert(), np.float32))
-        with torch.no_grad():
-            action = policy.select_action({"state": torch.from_numpy(state)[None]})
-        action = np.asarray(torch.as_tensor(action).cpu(), np.float32).reshape(-1)
-        if not np.isfinite(action).all():
-            raise NonFiniteActionError(f"the policy produced a non-finite action on seed {seed}")
-        obs, _, _, trunc, info = env.step(np.clip(action, low, high))
-        success = bool(np.asarray(info["success"]).reshape(-1)[0])
-        if bool(np.asarray(trunc).reshape(-1)[0]):
-            break
-    return {"state": np.stack(states), "action": np.stack(labels), "success": success, "seed": seed}
-
-
 def check_maniskill() -> str:
     """Build PickCube-v1 once on the CPU backend (used by scripts/setup.sh)."""
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
@@ -515,28 +482,17 @@ class ManiSkillRunner:
     def label_rollouts(self, policy, episodes: int, seed_start: int) -> dict[str, Any]:
         """DAgger rows: ``policy`` acts on ``episodes`` seeded episodes (one CPU env), the scripted expert
         labels every visited state -> {"state": (N, Do), "action": (N, Da), "successes": int}."""
-        from embodied_distill.progress import progress
+        from embodied_distill.sim.evaluation import label_rollouts
 
         if self.expert != "scripted":
             raise ValueError("DAgger labels need a reactive expert (expert: scripted); a motion planner's "
                              "targets depend on its plan, not on the state the policy reached")
         env = make_single_env(dataclasses.replace(self.env_cfg, sim_backend="cpu"))
-        rows: dict[str, list[np.ndarray]] = {"state": [], "action": []}
-        successes = 0
         try:
-            bar = progress(total=episodes, desc=f"dagger {self.task_name}", unit="ep")
-            for i in range(episodes):
-                ep = run_labelled_episode(env, self.task_name, seed_start + i, self.max_episode_steps, policy)
-                rows["state"].append(ep["state"])
-                rows["action"].append(ep["action"])
-                successes += ep["success"]
-                bar.update(1)
-                bar.set_postfix(success=f"{successes / (i + 1):.2f}", refresh=False)
-            bar.close()
+            return label_rollouts(env, policy, lambda e: _scripted_expert(e, self.task_name)[0], episodes,
+                                  seed_start, self.max_episode_steps, desc=f"dagger {self.task_name}")
         finally:
             env.close()
-        return {"state": np.concatenate(rows["state"]), "action": np.concatenate(rows["action"]),
-                "successes": successes}
 
     def make_vec_env(self, num_envs: int = 1, render: bool = False) -> ManiSkillVecEnv:
         return ManiSkillVecEnv(self.env_cfg, num_envs=num_envs, render=render)

@@ -450,27 +450,10 @@ class NavigationRunner:
 
     def label_rollouts(self, policy, episodes: int, seed_start: int) -> dict[str, Any]:
         """DAgger rows: ``policy`` acts, the expert labels every visited state (see ManiSkillRunner)."""
-        import torch
-        from embodied_distill.sim.evaluation import NonFiniteActionError
+        from embodied_distill.sim.evaluation import label_rollouts
 
-        env = self.env_cfg.make()
-        rows: dict[str, list[np.ndarray]] = {"state": [], "action": []}
-        successes = 0
-        for i in range(episodes):
-            obs, _ = env.reset(seed=seed_start + i)
-            policy.reset()
-            for _ in range(self.max_episode_steps):
-                rows["state"].append(obs)
-                rows["action"].append(expert_action(env).astype(np.float32))
-                with torch.no_grad():
-                    a = policy.select_action({"state": torch.from_numpy(obs)[None]})
-                a = np.asarray(torch.as_tensor(a), np.float32).reshape(-1)
-                if not np.isfinite(a).all():
-                    raise NonFiniteActionError(f"the policy produced a non-finite action on seed "
-                                               f"{seed_start + i}")
-                obs, _, _, _, info = env.step(np.clip(a, -1, 1))
-            successes += info["success"]
-        return {"state": np.stack(rows["state"]), "action": np.stack(rows["action"]), "successes": successes}
+        return label_rollouts(self.env_cfg.make(), policy, lambda env: partial(expert_action, env), episodes,
+                              seed_start, self.max_episode_steps, desc=f"dagger {self.task_name}")
 
     def make_vec_env(self, num_envs: int = 1, render: bool = False) -> NavVecEnv:
         return NavVecEnv(self.env_cfg, num_envs=num_envs)
