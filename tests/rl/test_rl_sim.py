@@ -300,3 +300,47 @@ def test_keep_best_ends_with_the_best_validated_weights_across_a_resume(tmp_path
     final = load_policy(tmp_path / "checkpoint")[0].actor_critic.state_dict()
     assert all(torch.equal(final[k], seen[pick][k]) for k in seen[pick])
     assert any(not torch.equal(seen[pick][k], seen[-1][k]) for k in seen[pick])  # not the last weights
+
+
+@pytest.mark.parametrize("confirm_scores, keep_last", [([0.5, 0.7], True), ([0.7, 0.7], False)])
+def test_keep_best_confirm_reevaluates_the_kept_against_the_last_weights(tmp_path, monkeypatch,
+                                                                       confirm_scores, keep_last):
+    """keep_best_confirm_episodes: when the best validation is not the last, the kept and the last weights
+    are evaluated again on fresh seeds (120000+) and the better one is saved (the kept one on a tie)."""
+    import embodied_distill.sim.evaluation as evaluation
+
+    runner = ManiSkillRunner(TASK, sim_backend="cpu")
+    cfg = OmegaConf.create({"seed": 0, "resume": True, "eval": {"seed_start": 100_000, "episodes": 1,
+                                                                  "num_envs": 1, "video_episodes": 0}})
+    validated, confirmed, real = [], [], evaluation.evaluate_policy
+
+    def scripted(policy, venv, episodes, seed_start, max_steps, **kw):
+        state = {k: v.clone() for k, v in policy.actor_critic.state_dict().items()}
+        if seed_start == 110_000:  # periodic validations: the start, 250, 500 -> 250 is the best
+            validated.append(state)
+            return {"success_rate": [0.2, 0.6, 0.1][len(validated) - 1], "mean_return": 0.0}
+        if seed_start == 120_000:  # the confirmation: kept weights first, then the last
+            assert episodes == 3
+            confirmed.append(state)
+            return {"success_rate": confirm_scores[len(confirmed) - 1], "mean_return": 0.0}
+        return real(policy, venv, episodes, seed_start, max_steps, **kw)
+
+    monkeypatch.setattr(evaluation, "evaluate_policy", scripted)
+    torch.manual_seed(0)
+    rcfg = RPDConfig(total_steps=500, n_steps=250, batch_size=125, eval_every=250, eval_episodes=1,
+                     keep_best=True, keep_best_confirm_episodes=3, lr=1e-3)
+    policy = RLPolicy(student_config(rcfg, DS, DA, 1, -1.0, 1.0))
+    report = train_rl(cfg, tmp_path, runner, torch.device("cpu"), rcfg, policy,
+                      env_factory(runner, 1, None, 1.0, 2_000_000), None, 1, 1, "ppo")
+    assert len(validated) == 3 and len(confirmed) == 2
+    assert all(torch.equal(confirmed[0][k], validated[1][k]) for k in validated[1])  # the kept (250) ones
+    assert all(torch.equal(confirmed[1][k], validated[2][k]) for k in validated[2])  # the last (500) ones
+    assert report["keep_best_confirm"] == {"episodes": 3, "kept_step": 250, "kept_success": confirm_scores[0],
+                                           "last_step": 500, "last_success": confirm_scores[1]}
+    want = validated[2] if keep_last else validated[1]
+    assert report["selected_step"] == (500 if keep_last else 250)
+    assert report["selected_validation_success"] == (0.1 if keep_last else 0.6)
+    final = load_policy(tmp_path / "checkpoint")[0].actor_critic.state_dict()
+    assert all(torch.equal(final[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match="keep_best_confirm_episodes"):
+        RPDConfig(keep_best_confirm_episodes=-1)
