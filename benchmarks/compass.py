@@ -132,12 +132,17 @@ def add_stage_time(path: Path, key: str, seconds: float) -> dict[str, float]:
 
 def table(report: dict, times: dict, preset: dict, name: str, demos_cfg, default_scale: float,
           std_per_robot: bool, keep_best: bool, task: str = "pickcube", num_envs: int = 1,
-          ppo: str = "") -> str:
+          ppo: str = "", confirm_episodes: int = 0, note: str = "") -> str:
     from embodied_distill.distill.compass import Embodiment
 
     rows = report["per_embodiment"]
     keep_best_text = ("; kept: the best of validations at the start and every "
-                      f"{preset['specialist_eval_every']} steps, step in brackets" if keep_best else "")
+                      f"{preset['specialist_eval_every']} steps" if keep_best else "")
+    if keep_best and confirm_episodes:
+        keep_best_text += (f", if not the last then the better of it and the last on {confirm_episodes} "
+                           "fresh seeds")
+    if keep_best:
+        keep_best_text += ", step in brackets"
     emb = {e["name"]: e for e in report["embodiments"]}
 
     def cell(r, who):
@@ -205,6 +210,8 @@ def table(report: dict, times: dict, preset: dict, name: str, demos_cfg, default
         + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
         + f"; total {sum(times.values()) / 60:.1f} min.",
     ]
+    if note:
+        lines += ["", f"Note: {note}"]
     if report.get("missing"):
         lines.append(f"\n**Not yet trained / evaluated:** {report['missing']}")
     return "\n".join(lines)
@@ -241,6 +248,8 @@ def main() -> None:
     ap.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra Hydra overrides after the preset's (e.g. distill.specialist.n_steps=2000); "
                          "they are recorded in the results")
+    ap.add_argument("--note", default="", help="a sentence added under the table (e.g. how a run was resumed "
+                    "with other settings); it is stored in the JSON too")
     args = ap.parse_args()
 
     import torch
@@ -303,13 +312,15 @@ def main() -> None:
     md = table(report, times, preset, name, cfg.demos, float(cfg.distill.specialist.residual_scale),
                bool(cfg.distill.policy.get("std_per_embodiment", False)),
                bool(cfg.distill.specialist.get("keep_best", False)), args.task,
-               int(cfg.distill.specialist.num_envs), ppo)
+               int(cfg.distill.specialist.num_envs), ppo,
+               int(cfg.distill.specialist.get("keep_best_confirm_episodes", 0)), args.note)
     print(md)
     payload = {
         "task": args.task,
         "preset": preset,
         "quick": args.quick,
         "overrides": overrides,
+        "note": args.note,
         "run_dir": str(run_dir),
         "stage_wall_s": times,
         "total_wall_s": sum(times.values()),

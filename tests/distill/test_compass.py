@@ -518,6 +518,12 @@ def test_benchmark_table_reports_success_at_any_step():
                      0.25, True, True)
     assert "(success_once; base / specialist / generalist): panda 0.75 / 0.90 / 0.88; so100 " \
         "0.36 / 0.31 / —." in md
+    assert "fresh seeds" not in md and "Note:" not in md
+    md = bench.table(report, {"base": 10.0}, bench.FULL, "t", OmegaConf.create({"noise_std": 0.3,
+                                                                                "noise_prob": 0.3}),
+                     0.25, True, True, confirm_episodes=100, note="resumed at 300k.")
+    assert "the better of it and the last on 100 fresh seeds, step in brackets" in md
+    assert md.splitlines()[-1] == "Note: resumed at 300k."
 
 
 @pytest.mark.sim
