@@ -444,10 +444,9 @@ def train_rl(cfg: DictConfig, run_dir: Path, runner, device: torch.device, rcfg:
     t_start = time.perf_counter()
     val_seed = int(cfg.eval.seed_start) + 10_000
 
-    def validate():
+    def validate(episodes: int = rcfg.eval_episodes, seed_start: int = val_seed, desc: str = f"eval {tag}"):
         policy.eval()
-        return evaluate_policy(policy, eval_venv, rcfg.eval_episodes, val_seed, runner.max_episode_steps,
-                               desc=f"eval {tag}")
+        return evaluate_policy(policy, eval_venv, episodes, seed_start, runner.max_episode_steps, desc=desc)
 
     # keep_best: the best validated weights so far (step, success, actor-critic state), saved with the
     # training state so a resumed run keeps choosing among all of them
@@ -501,10 +500,8 @@ def train_rl(cfg: DictConfig, run_dir: Path, runner, device: torch.device, rcfg:
             last, scores = snapshot(), {}
             for who, state in (("kept", best["state"]), ("last", last)):
                 policy.actor_critic.load_state_dict(state)
-                policy.eval()
-                scores[who] = evaluate_policy(policy, eval_venv, rcfg.keep_best_confirm_episodes,
-                                              int(cfg.eval.seed_start) + 20_000, runner.max_episode_steps,
-                                              desc=f"confirm {tag} ({who})")["success_rate"]
+                scores[who] = validate(rcfg.keep_best_confirm_episodes, int(cfg.eval.seed_start) + 20_000,
+                                       f"confirm {tag} ({who})")["success_rate"]
             confirm = {"episodes": rcfg.keep_best_confirm_episodes, "kept_step": best["step"],
                        "kept_success": scores["kept"], "last_step": int(learner.num_timesteps),
                        "last_success": scores["last"]}
