@@ -3,6 +3,7 @@
     python benchmarks/compass.py [--task pickcube|pointnav] [--quick]
                                  [--stage all|base|specialists|generalist|evaluate]
                                  [--only NAME ...] [--out DIR] [--demos ROBOT=N ...] [--name NAME]
+                                 [--results-name NAME]
                                  [--specialist-steps N] [--dagger-rounds K] [--episodes N] [--seed S]
                                  [--base-dagger ROBOT=K ...]
                                  [--std-per-embodiment | --global-std] [--override KEY=VALUE ...]
@@ -130,9 +131,60 @@ def add_stage_time(path: Path, key: str, seconds: float) -> dict[str, float]:
     return times
 
 
+def ratio_intervals(successes: dict[str, dict[str, list[bool]]], resamples: int = 2000,
+                    seed: int = 0) -> dict[str, list[float] | None]:
+    """95% paired-bootstrap intervals of the two target ratios from per-episode successes
+    (``successes[robot][who]``: one bool per evaluation seed, the same seeds for base / specialist /
+    generalist of a robot). Each resample draws the seeds of every robot with replacement, the same draws
+    for all three policies of that robot (they ran on the same seeds, so their differences are paired),
+    independently per robot. Returns ``{"<robot>": [lo, hi]}`` for generalist / specialist and
+    ``{"mean": [lo, hi]}`` for mean generalist / mean base success; ``None`` where a resampled
+    denominator is 0 in more than 2.5% of the draws (the interval would be unbounded)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rates: dict[str, dict[str, np.ndarray]] = {}
+    for robot, per in successes.items():
+        n = {len(v) for v in per.values()}
+        if len(n) != 1:
+            raise ValueError(f"{robot}: base / specialist / generalist ran on different numbers of seeds {n}")
+        idx = rng.integers(0, n.pop(), size=(resamples, len(next(iter(per.values())))))
+        rates[robot] = {who: np.asarray(v, np.float64)[idx].mean(1) for who, v in per.items()}
+
+    def interval(num: np.ndarray, den: np.ndarray) -> list[float] | None:
+        if np.mean(den == 0) > 0.025:
+            return None
+        ratio = num[den > 0] / den[den > 0]
+        return [float(np.percentile(ratio, 2.5)), float(np.percentile(ratio, 97.5))]
+
+    out = {robot: interval(r["generalist"], r["specialist"]) for robot, r in rates.items()
+           if {"generalist", "specialist"} <= r.keys()}
+    if all({"generalist", "base"} <= r.keys() for r in rates.values()):
+        out["mean"] = interval(np.mean([r["generalist"] for r in rates.values()], 0),
+                               np.mean([r["base"] for r in rates.values()], 0))
+    return out
+
+
+def episode_successes(run_dir: Path, report: dict, seeds: list[int]) -> dict[str, dict[str, list[bool]]]:
+    """Per-episode success flags of every policy in the report (``run_dir/eval/<who>_<robot>.json``,
+    written by the evaluate stage), ordered by seed; only evaluations on exactly ``seeds``."""
+    out: dict[str, dict[str, list[bool]]] = {}
+    for robot, per in report["per_embodiment"].items():
+        for who in per:
+            path = run_dir / "eval" / f"{who}_{robot}.json"
+            if not path.exists():
+                continue
+            rep = json.loads(path.read_text())
+            if rep.get("seeds") != seeds:
+                continue
+            eps = sorted(rep["per_episode"], key=lambda e: e["seed"])
+            out.setdefault(robot, {})[who] = [bool(e["success"]) for e in eps]
+    return out
+
+
 def table(report: dict, times: dict, preset: dict, name: str, demos_cfg, default_scale: float,
           std_per_robot: bool, keep_best: bool, task: str = "pickcube", num_envs: int = 1,
-          ppo: str = "", confirm_episodes: int = 0, note: str = "") -> str:
+          ppo: str = "", confirm_episodes: int = 0, note: str = "", intervals: dict | None = None) -> str:
     from embodied_distill.distill.compass import Embodiment
 
     rows = report["per_embodiment"]
@@ -173,9 +225,14 @@ def table(report: dict, times: dict, preset: dict, name: str, demos_cfg, default
         "| IL base | specialist | generalist | generalist / specialist |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    intervals = intervals or {}
+
+    def ci(key: str) -> str:
+        return f" [{intervals[key][0]:.2f}, {intervals[key][1]:.2f}]" if intervals.get(key) else ""
+
     for name, r in rows.items():
         ratio = (
-            f"{r['generalist']['success_rate'] / r['specialist']['success_rate']:.2f}"
+            f"{r['generalist']['success_rate'] / r['specialist']['success_rate']:.2f}{ci(name)}"
             if "generalist" in r and "specialist" in r and r["specialist"]["success_rate"] > 0
             else "—"
         )
@@ -190,9 +247,11 @@ def table(report: dict, times: dict, preset: dict, name: str, demos_cfg, default
             f"{cell(r, 'base')} | {cell(r, 'specialist')} | {cell(r, 'generalist')} | {ratio} |"
         )
     m = report.get("mean_success", {})
+    times_base = (f"{m['generalist'] / m['base']:.2f}x the base{ci('mean')}"
+                  if m.get("base") and "generalist" in m else "")
     lines.append(
         f"| **mean** | | | | | {m.get('base', float('nan')):.2f} | {m.get('specialist', float('nan')):.2f} "
-        f"| {m.get('generalist', float('nan')):.2f} | |"
+        f"| {m.get('generalist', float('nan')):.2f} | {times_base} |"
     )
     once = "; ".join(
         f"{name} " + " / ".join(f"{r[w]['success_once_rate']:.2f}" if "success_once_rate" in r.get(w, {})
@@ -206,6 +265,14 @@ def table(report: dict, times: dict, preset: dict, name: str, demos_cfg, default
         "",
         f"Targets: {json.dumps(report.get('targets', {}))}",
         "",
+    ]
+    if intervals:
+        lines += [
+            "In brackets: 95% paired-bootstrap intervals of the ratios (2000 resamples of the evaluation "
+            "seeds, the same draws for a robot's three policies).",
+            "",
+        ]
+    lines += [
         "Wall time per stage (s, summed over the pieces that ran it): "
         + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
         + f"; total {sum(times.values()) / 60:.1f} min.",
@@ -231,6 +298,9 @@ def main() -> None:
                     help="K DAgger rounds for that robot's IL base (the scripted expert labels the states "
                          "the base reaches; distill.embodiments.*.base_dagger_rounds)")
     ap.add_argument("--name", default=None, help="results and run-dir name (default compass[_quick])")
+    ap.add_argument("--results-name", default=None, metavar="NAME",
+                    help="write the results as NAME.json / NAME.md instead of under --name (e.g. the same "
+                         "run evaluated on more --episodes, beside its earlier table)")
     ap.add_argument("--specialist-steps", type=int, default=None, metavar="N",
                     help="env steps per residual-RL specialist instead of the preset's (pickcube 30000, "
                          "pointnav 300000)")
@@ -309,11 +379,14 @@ def main() -> None:
         print(f"[bench] stage {key} done in {time.perf_counter() - t0:.0f} s")
         return
     report = json.loads((run_dir / "report.json").read_text())
-    md = table(report, times, preset, name, cfg.demos, float(cfg.distill.specialist.residual_scale),
+    seeds = list(range(int(cfg.eval.seed_start), int(cfg.eval.seed_start) + preset["episodes"]))
+    intervals = ratio_intervals(episode_successes(run_dir, report, seeds))
+    results_name = args.results_name or name
+    md = table(report, times, preset, results_name, cfg.demos, float(cfg.distill.specialist.residual_scale),
                bool(cfg.distill.policy.get("std_per_embodiment", False)),
                bool(cfg.distill.specialist.get("keep_best", False)), args.task,
                int(cfg.distill.specialist.num_envs), ppo,
-               int(cfg.distill.specialist.get("keep_best_confirm_episodes", 0)), args.note)
+               int(cfg.distill.specialist.get("keep_best_confirm_episodes", 0)), args.note, intervals)
     print(md)
     payload = {
         "task": args.task,
@@ -330,6 +403,7 @@ def main() -> None:
             "train_seed": int(cfg.seed),
         },
         **{k: report.get(k) for k in ("per_embodiment", "mean_success", "targets", "missing", "embodiments")},
+        "ratio_intervals_95": intervals,
     }
     earlier = run_dir / "earlier_runs.json"  # results of earlier settings, kept beside the latest
     if earlier.exists():
@@ -338,7 +412,7 @@ def main() -> None:
             f"{r['label']}: generalist " + ", ".join(f"{e} {v:.2f}" for e, v in r["generalist"].items())
             for r in payload["earlier_runs"]
         )
-    print(f"[bench] wrote {write_results(name, payload, md, args.out)}")
+    print(f"[bench] wrote {write_results(results_name, payload, md, args.out)}")
 
 
 if __name__ == "__main__":

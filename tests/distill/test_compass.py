@@ -524,6 +524,13 @@ def test_benchmark_table_reports_success_at_any_step():
                      0.25, True, True, confirm_episodes=100, note="resumed at 300k.")
     assert "the better of it and the last on 100 fresh seeds, step in brackets" in md
     assert md.splitlines()[-1] == "Note: resumed at 300k."
+    assert "bootstrap" not in md
+    report["mean_success"]["generalist"] = 0.85
+    md = bench.table(report, {"base": 10.0}, bench.FULL, "t", OmegaConf.create({"noise_std": 0.3,
+                                                                                "noise_prob": 0.3}),
+                     0.25, True, True, intervals={"panda": [0.9, 1.0], "mean": [1.5, 2.5]})
+    assert "| 0.94 [0.90, 1.00] |" in md and "| 2.00x the base [1.50, 2.50] |" in md
+    assert "95% paired-bootstrap intervals" in md
 
 
 @pytest.mark.sim
@@ -564,3 +571,38 @@ def test_base_dagger_round_adds_expert_labels_of_the_states_the_base_reached(tmp
     assert "base DAgger round 1" not in out.stdout
     assert (run / "base" / "dagger1.npz").stat().st_mtime_ns == stamp
     assert (run / "base" / "checkpoint" / "meta.json").exists()
+
+
+def test_benchmark_ratio_intervals_are_paired_and_cover_the_point_estimate():
+    """The paired bootstrap: a generalist that succeeds on exactly its specialist's seeds has the
+    interval [1, 1] however few the seeds (unpaired resampling would spread it); otherwise the interval
+    holds the point estimate and narrows with more seeds; a denominator that is mostly 0 gives None."""
+    bench = _benchmark_module()
+    rng = np.random.default_rng(3)
+    spec = list(rng.random(60) < 0.3)
+    same = bench.ratio_intervals({"so100": {"specialist": spec, "generalist": spec}})
+    assert same["so100"] == [1.0, 1.0]
+
+    def draw(n):
+        base, gen = rng.random(n) < 0.2, rng.random(n) < 0.4
+        return {"panda": {"base": list(base), "specialist": list(gen), "generalist": list(gen)},
+                "so100": {"base": list(rng.random(n) < 0.1), "specialist": list(rng.random(n) < 0.15),
+                          "generalist": list(rng.random(n) < 0.15)}}
+
+    small, large = draw(100), draw(2000)
+    for data in (small, large):
+        out = bench.ratio_intervals(data)
+        so = data["so100"]
+        point = np.mean(so["generalist"]) / np.mean(so["specialist"])
+        assert out["so100"][0] <= point <= out["so100"][1]
+        mean = (np.mean(data["panda"]["generalist"]) + np.mean(so["generalist"])) / \
+            (np.mean(data["panda"]["base"]) + np.mean(so["base"]))
+        assert out["mean"][0] <= mean <= out["mean"][1]
+        assert out["panda"] == [1.0, 1.0]
+    width = {n: bench.ratio_intervals(d)["so100"][1] - bench.ratio_intervals(d)["so100"][0]
+             for n, d in ((100, small), (2000, large))}
+    assert width[2000] < 0.5 * width[100]
+    rare = [False] * 99 + [True]
+    assert bench.ratio_intervals({"so100": {"specialist": rare, "generalist": rare}})["so100"] is None
+    with pytest.raises(ValueError, match="different numbers of seeds"):
+        bench.ratio_intervals({"so100": {"specialist": spec, "generalist": spec[:-1]}})
