@@ -145,10 +145,12 @@ def ratio_intervals(successes: dict[str, dict[str, list[bool]]], resamples: int 
     rng = np.random.default_rng(seed)
     rates: dict[str, dict[str, np.ndarray]] = {}
     for robot, per in successes.items():
-        n = {len(v) for v in per.values()}
-        if len(n) != 1:
-            raise ValueError(f"{robot}: base / specialist / generalist ran on different numbers of seeds {n}")
-        idx = rng.integers(0, n.pop(), size=(resamples, len(next(iter(per.values())))))
+        counts = {len(v) for v in per.values()}
+        if len(counts) != 1:
+            raise ValueError(f"{robot}: base / specialist / generalist ran on different numbers of seeds "
+                             f"{counts}")
+        n = counts.pop()
+        idx = rng.integers(0, n, size=(resamples, n))
         rates[robot] = {who: np.asarray(v, np.float64)[idx].mean(1) for who, v in per.items()}
 
     def interval(num: np.ndarray, den: np.ndarray) -> list[float] | None:

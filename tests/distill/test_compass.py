@@ -589,8 +589,9 @@ def test_benchmark_ratio_intervals_are_paired_and_cover_the_point_estimate():
                 "so100": {"base": list(rng.random(n) < 0.1), "specialist": list(rng.random(n) < 0.15),
                           "generalist": list(rng.random(n) < 0.15)}}
 
-    small, large = draw(100), draw(2000)
-    for data in (small, large):
+    width = {}
+    for n in (100, 2000):
+        data = draw(n)
         out = bench.ratio_intervals(data)
         so = data["so100"]
         point = np.mean(so["generalist"]) / np.mean(so["specialist"])
@@ -599,8 +600,7 @@ def test_benchmark_ratio_intervals_are_paired_and_cover_the_point_estimate():
             (np.mean(data["panda"]["base"]) + np.mean(so["base"]))
         assert out["mean"][0] <= mean <= out["mean"][1]
         assert out["panda"] == [1.0, 1.0]
-    width = {n: bench.ratio_intervals(d)["so100"][1] - bench.ratio_intervals(d)["so100"][0]
-             for n, d in ((100, small), (2000, large))}
+        width[n] = out["so100"][1] - out["so100"][0]
     assert width[2000] < 0.5 * width[100]
     rare = [False] * 99 + [True]
     assert bench.ratio_intervals({"so100": {"specialist": rare, "generalist": rare}})["so100"] is None
