@@ -164,6 +164,11 @@ class CompassConfig:
     """Floor on the specialists' std (normalised units) in the KL."""
     epochs: int = 100
     """Passes over the distillation data per fit (COMPASS: 100)."""
+    state_noise_copies: int = 0
+    """Perturbed copies of every recorded state added to each fit, labelled by that robot's specialist
+    (which can be queried anywhere, so they cost no env steps); 0: off (COMPASS)."""
+    state_noise: float = 0.1
+    """Std of those perturbations per state feature, in units of its normalisation spread (1 / scale)."""
     init_generalist_from_base: bool = False
     """Start the generalist from the IL base's weights (COMPASS trains it from scratch)."""
     optim: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -190,6 +195,8 @@ class CompassConfig:
             raise ValueError("demos_per_embodiment, base_steps, data_episodes and epochs must be >= 1")
         if self.dagger_rounds < 0 or self.dagger_episodes < 1 or self.teacher_min_std <= 0:
             raise ValueError("dagger_rounds >= 0, dagger_episodes >= 1 and teacher_min_std > 0 required")
+        if self.state_noise_copies < 0 or self.state_noise <= 0:
+            raise ValueError("state_noise_copies >= 0 and state_noise > 0 required")
         RPDConfig.from_cfg({**self.specialist, "name": "residual_rl", "distill_coef": 0.0})  # validate now
 
     @classmethod
@@ -453,6 +460,24 @@ def record(runner, actor, specialist, episodes: int, seed_start: int, num_envs: 
     return {k: np.concatenate(v).astype(np.float32) for k, v in rows.items()}
 
 
+@torch.no_grad()
+def perturbed_rows(specialist, policy, name: str, rows: dict[str, np.ndarray], copies: int, noise: float,
+                   rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """``copies`` Gaussian perturbations of every recorded state of robot ``name`` (std ``noise`` x each
+    feature's normalisation spread ``1 / scale`` of ``policy``'s normaliser), labelled with the specialist's
+    Gaussian there: ``rows["state"]`` (N, Ds) -> {"state" (copies * N, Ds), "mean", "std" (copies * N, Da)}
+    in env units, like :func:`record`'s."""
+    spread = 1.0 / policy.normalizer.params[f"state/{name}"]["scale"].cpu().numpy()
+    states = np.repeat(rows["state"], copies, axis=0)
+    states = (states + noise * spread * rng.standard_normal(states.shape)).astype(np.float32)
+    out: dict[str, list[np.ndarray]] = {"state": [states], "mean": [], "std": []}
+    for chunk in np.array_split(states, max(1, len(states) // 4096)):
+        mean, std = specialist_gaussian(specialist, torch.from_numpy(chunk))
+        out["mean"].append(mean.cpu().numpy())
+        out["std"].append(std.cpu().numpy())
+    return {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
+
+
 def distill_data(policy, ccfg: CompassConfig, data: dict[str, dict[str, np.ndarray]]) -> BalancedData:
     """Recorded env-unit rows -> normalised padded rows (teacher log-std in normalised units, floored)."""
     parts = []
@@ -532,9 +557,18 @@ def train_generalist(cfg: DictConfig, ccfg: CompassConfig, base, spec_dir: Path,
                 rows.update({f"{emb.name}/{key}": v for key, v in rec.items()})
             save_npz(path, **rows)
         append_npz(data, path)
-        sizes = ", ".join(f"{n} {len(d['state'])}" for n, d in data.items())
-        print(f"[compass] round {k}: distilling on {sizes} rows")
-        policy = fit_generalist(cfg, ccfg, base, policy, data, out / f"round{k}", device)
+        fit_on = data
+        if ccfg.state_noise_copies:  # drawn again each round, over everything recorded so far
+            rng = np.random.default_rng(int(cfg.seed) + 200 + k)
+            fit_on = {}
+            for name, d in data.items():
+                extra = perturbed_rows(specialists[name], base, name, d, ccfg.state_noise_copies,
+                                       ccfg.state_noise, rng)
+                fit_on[name] = {f: np.concatenate([d[f], extra[f]]) for f in d}
+        sizes = ", ".join(f"{n} {len(d['state'])}" for n, d in fit_on.items())
+        print(f"[compass] round {k}: distilling on {sizes} rows"
+              + (f" ({ccfg.state_noise_copies} perturbed copies each)" if ccfg.state_noise_copies else ""))
+        policy = fit_generalist(cfg, ccfg, base, policy, fit_on, out / f"round{k}", device)
     policy.save_pretrained(final, OmegaConf.to_container(cfg, resolve=True),
                            meta={"stage": "generalist", "dagger_rounds": ccfg.dagger_rounds})
     return policy

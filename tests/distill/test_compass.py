@@ -29,6 +29,7 @@ from embodied_distill.distill.compass import (
     demo_path,
     fit_generalist,
     generalist_loss,
+    perturbed_rows,
     specialist_gaussian,
 )
 
@@ -291,6 +292,30 @@ def test_distillation_on_fixed_data_lowers_the_kl_to_each_specialist(tmp_path):
     assert (tmp_path / "gen" / "checkpoint" / "meta.json").exists()
     # the std is learned: it moves from 0.1 toward the specialists' (normalised) std
     assert not torch.allclose(student.log_std, torch.full_like(student.log_std, math.log(0.1)))
+
+
+def test_perturbed_rows_are_noisy_copies_labelled_by_the_specialist():
+    """``state_noise_copies``: each recorded state is repeated, moved by Gaussian noise whose std per
+    feature is ``noise`` x that feature's normalisation spread, and labelled by the specialist at the new
+    state (not the recorded label)."""
+    robots = {"so100": ROBOTS["so100"]}
+    base = _policy(robots, seed=0).eval()
+    spec = _specialist(base, "so100", seed=3)
+    rows = _specialist_data(base, robots)["so100"]  # 400 states
+    out = perturbed_rows(spec, base, "so100", rows, copies=3, noise=0.2, rng=np.random.default_rng(0))
+    assert {k: v.shape for k, v in out.items()} == {"state": (1200, 36), "mean": (1200, 6), "std": (1200, 6)}
+    delta = out["state"] - np.repeat(rows["state"], 3, axis=0)  # copy j of row i sits at 3 * i + j
+    spread = 1.0 / base.normalizer.params["state/so100"]["scale"].numpy()
+    ratio = delta.std(0) / (0.2 * spread)  # 1200 draws per feature: within ~10% of 1
+    assert np.all(np.abs(ratio - 1) < 0.15), ratio
+    assert np.all(np.abs(delta.mean(0)) < 0.1 * 0.2 * spread)
+    mean, std = specialist_gaussian(spec, torch.from_numpy(out["state"]))
+    np.testing.assert_allclose(out["mean"], mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["std"], std.numpy(), rtol=1e-5, atol=1e-6)
+    # the labels follow the moved states: they differ from the recorded labels of the unmoved ones
+    assert np.abs(out["mean"] - np.repeat(rows["mean"], 3, axis=0)).max() > 1e-3
+    with pytest.raises(ValueError, match="state_noise"):
+        CompassConfig(embodiments=[{"name": "so100", "robot_uids": "so100"}], state_noise=0.0)
 
 
 def test_std_per_embodiment_fits_robots_that_explore_at_different_scales(tmp_path):
