@@ -452,8 +452,12 @@ class NavigationRunner:
         """DAgger rows: ``policy`` acts, the expert labels every visited state (see ManiSkillRunner)."""
         from embodied_distill.sim.evaluation import label_rollouts
 
-        return label_rollouts(self.env_cfg.make(), policy, lambda env: partial(expert_action, env), episodes,
-                              seed_start, self.max_episode_steps, desc=f"dagger {self.task_name}")
+        env = self.env_cfg.make()
+        try:
+            return label_rollouts(env, policy, lambda e: partial(expert_action, e), episodes, seed_start,
+                                  self.max_episode_steps, desc=f"dagger {self.task_name}")
+        finally:
+            env.close()
 
     def make_vec_env(self, num_envs: int = 1, render: bool = False) -> NavVecEnv:
         return NavVecEnv(self.env_cfg, num_envs=num_envs)
@@ -463,9 +467,12 @@ class NavigationRunner:
         from embodied_distill.sim.evaluation import evaluate_policy
 
         venv = self.make_vec_env(num_envs=min(num_envs, episodes))
-        report = evaluate_policy(policy, venv, episodes, seed_start, self.max_episode_steps,
-                                 video_path=video_path, video_episodes=video_episodes, fps=10,
-                                 desc=f"eval {self.task_name} {self.env_cfg.robot}")
+        try:
+            report = evaluate_policy(policy, venv, episodes, seed_start, self.max_episode_steps,
+                                     video_path=video_path, video_episodes=video_episodes, fps=10,
+                                     desc=f"eval {self.task_name} {self.env_cfg.robot}")
+        finally:
+            venv.close()
         report.update(task=self.task_name, robot=self.env_cfg.robot, sim_backend="cpu",
                       success_definition=f"robot centre within {GOAL_TOL} m of the goal at the last step "
                                          "of a full-length episode")
