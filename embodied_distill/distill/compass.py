@@ -470,12 +470,8 @@ def perturbed_rows(specialist, policy, name: str, rows: dict[str, np.ndarray], c
     spread = 1.0 / policy.normalizer.params[f"state/{name}"]["scale"].cpu().numpy()
     states = np.repeat(rows["state"], copies, axis=0)
     states = (states + noise * spread * rng.standard_normal(states.shape)).astype(np.float32)
-    out: dict[str, list[np.ndarray]] = {"state": [states], "mean": [], "std": []}
-    for chunk in np.array_split(states, max(1, len(states) // 4096)):
-        mean, std = specialist_gaussian(specialist, torch.from_numpy(chunk))
-        out["mean"].append(mean.cpu().numpy())
-        out["std"].append(std.cpu().numpy())
-    return {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
+    mean, std = specialist_gaussian(specialist, torch.from_numpy(states))  # one batch: small MLPs, ~1e5 rows
+    return {"state": states, "mean": mean.cpu().numpy(), "std": std.cpu().numpy()}
 
 
 def distill_data(policy, ccfg: CompassConfig, data: dict[str, dict[str, np.ndarray]]) -> BalancedData:
