@@ -352,9 +352,11 @@ def main() -> None:
         ("distill.policy.std_per_embodiment=false",) if args.global_std else ()
     extra += tuple(args.override)
     cfg, overrides = compose(preset, stages, args.only, run_dir, args.seed, extra, args.task)
-    spec = cfg.distill.specialist  # as composed: --override may change what the preset set
+    spec = cfg.distill.specialist  # as composed: --override may change what the preset set (table text too)
     preset.update(specialist_steps=int(spec.total_steps), specialist_eval_every=int(spec.eval_every),
-                  critic_warmup_steps=int(spec.critic_warmup_steps))
+                  critic_warmup_steps=int(spec.critic_warmup_steps),
+                  **{k: int(cfg.distill[k]) for k in ("data_episodes", "dagger_rounds", "dagger_episodes",
+                                                      "epochs")})
     ppo = (f"rollouts of {spec.n_steps} steps, minibatches of {spec.batch_size}, lr {spec.lr}, "
            f"gamma {spec.gamma}, GAE lambda {spec.gae_lambda}, initial log std {spec.log_std_init}")
     demos = dict(item.split("=", 1) for item in args.demos)
