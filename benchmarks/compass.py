@@ -198,6 +198,12 @@ def table(report: dict, times: dict, preset: dict, name: str, demos_cfg, default
     if keep_best:
         keep_best_text += ", step in brackets"
     emb = {e["name"]: e for e in report["embodiments"]}
+    # the specialists' own training steps where their reports give them (a run may train one robot longer)
+    steps = {n: r["specialist"].get("env_steps", preset["specialist_steps"]) for n, r in rows.items()
+             if "specialist" in r}
+    steps_text = (f"{preset['specialist_steps']} env steps each"
+                  if set(steps.values()) <= {preset["specialist_steps"]}
+                  else "env steps " + ", ".join(f"{n} {v}" for n, v in steps.items()))
 
     def cell(r, who):
         if who not in r:
@@ -213,7 +219,7 @@ def table(report: dict, times: dict, preset: dict, name: str, demos_cfg, default
         f"{TASKS[task][3]}, success at the end of a full episode on {preset['episodes']} unseen "
         f"seeds per embodiment. IL base: one embodiment-conditioned MLP, BC on the demos listed per robot "
         f"({preset['base_steps']} steps). Specialists: residual PPO on the frozen base, "
-        f"{preset['specialist_steps']} env steps each ({num_envs} CPU env{'s' if num_envs > 1 else ''}, "
+        f"{steps_text} ({num_envs} CPU env{'s' if num_envs > 1 else ''}, "
         "the first "
         f"{preset.get('critic_warmup_steps', 0)} of them value-only: critic warm-up"
         f"{ppo_text}{keep_best_text}). Generalist "

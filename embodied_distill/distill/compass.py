@@ -606,10 +606,11 @@ def evaluate_all(cfg: DictConfig, ccfg: CompassConfig, run_dir: Path) -> dict[st
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(rep))
             keys = ("success_rate", "success_once_rate", "success_stderr", "episodes", "mean_return",
-                    "selected_step")  # selected_step: a keep_best specialist's chosen weights
-            if own is not None and "selected_step" not in rep:
-                # evaluated here on other seeds than its own report's: keep_best's choice is still that one
-                rep["selected_step"] = own.get("selected_step")
+                    "selected_step", "env_steps")  # a specialist's kept weights (keep_best), its run's steps
+            for k in ("selected_step", "env_steps"):
+                if own is not None and k not in rep:
+                    # evaluated here on other seeds than its own report's: it is still that training run
+                    rep[k] = own.get(k)
             table[emb.name][who] = {k: rep[k] for k in keys if rep.get(k) is not None}
             if who == "generalist":
                 generalist_episodes += rep["per_episode"]

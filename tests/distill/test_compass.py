@@ -456,6 +456,8 @@ def test_cli_compass_tiny_budget_runs_all_stages(tmp_path):
     report = json.loads((run / "report.json").read_text())
     for row in report["per_embodiment"].values():
         assert {who: r["episodes"] for who, r in row.items()} == dict.fromkeys(row, 3)
+        # re-evaluated on other seeds, a specialist's row still names its training run's steps
+        assert row["specialist"]["env_steps"] >= 250 and "env_steps" not in row["generalist"]
 
 
 def test_actions_relative_to_the_joint_positions_round_trip():
@@ -544,6 +546,12 @@ def test_benchmark_table_reports_success_at_any_step():
     assert "(success_once; base / specialist / generalist): panda 0.75 / 0.90 / 0.88; so100 " \
         "0.36 / 0.31 / —." in md
     assert "fresh seeds" not in md and "Note:" not in md
+    assert "30000 env steps each" in md  # no steps in the specialists' reports: the preset's
+    report["per_embodiment"]["panda"]["specialist"]["env_steps"] = 1200000
+    report["per_embodiment"]["so100"]["specialist"]["env_steps"] = 600000
+    md_steps = bench.table(report, {"base": 10.0}, bench.FULL, "t",
+                           OmegaConf.create({"noise_std": 0.3, "noise_prob": 0.3}), 0.25, True, True)
+    assert "env steps panda 1200000, so100 600000 (" in md_steps and "env steps each" not in md_steps
     md = bench.table(report, {"base": 10.0}, bench.FULL, "t", OmegaConf.create({"noise_std": 0.3,
                                                                                 "noise_prob": 0.3}),
                      0.25, True, True, confirm_episodes=100, note="resumed at 300k.")
