@@ -607,10 +607,9 @@ def evaluate_all(cfg: DictConfig, ccfg: CompassConfig, run_dir: Path) -> dict[st
                 path.write_text(json.dumps(rep))
             keys = ("success_rate", "success_once_rate", "success_stderr", "episodes", "mean_return",
                     "selected_step", "env_steps")  # a specialist's kept weights (keep_best), its run's steps
-            for k in ("selected_step", "env_steps"):
-                if own is not None and k not in rep:
-                    # evaluated here on other seeds than its own report's: it is still that training run
-                    rep[k] = own.get(k)
+            if own is not None:  # evaluated here on other seeds than its own report's: still that run
+                for k in ("selected_step", "env_steps"):
+                    rep.setdefault(k, own.get(k))
             table[emb.name][who] = {k: rep[k] for k in keys if rep.get(k) is not None}
             if who == "generalist":
                 generalist_episodes += rep["per_episode"]
